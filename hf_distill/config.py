@@ -1,0 +1,143 @@
+"""`DistillationConfig`: `TrainingArguments` plus the knobs of knowledge distillation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from hf_distill.losses import HIDDEN_LOSSES, KD_LOSSES
+
+ATTENTION_LOSSES = ("attention_kl", "value_relation")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """Training arguments of :class:`~hf_distill.DistillationTrainer`.
+
+    The total loss is ``alpha · kd_loss + (1 − alpha) · hard_loss + hidden_loss_weight · hidden_loss +
+    attention_loss_weight · attention_loss``.
+    """
+
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T of the soft targets (> 0). Higher T exposes the teacher's "
+                  "'dark knowledge' in small probabilities."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the soft (KD) term in [0, 1]; the hard-label loss gets 1 - alpha. "
+                  "alpha=1 trains on the teacher alone and needs no labels."},
+    )
+    kd_loss: str = field(
+        default="forward_kl",
+        metadata={"help": f"Soft-target divergence, one of {sorted(KD_LOSSES)}."},
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "Interpolation of the generalised JSD in [0, 1] (kd_loss='jsd'): 0 is forward KL, "
+                  "1 is reverse KL."},
+    )
+    skew_lambda: float = field(
+        default=0.1,
+        metadata={"help": "Skew of DistiLLM's skew_kl / skew_reverse_kl in [0, 1); 0 gives plain KL."},
+    )
+    scale_by_t2: bool = field(
+        default=True,
+        metadata={"help": "Multiply the soft loss by T² (Hinton et al.) so gradient size does not change with T."},
+    )
+    hidden_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of hidden-state matching (0 disables it; needs an online teacher)."},
+    )
+    hidden_loss: str = field(
+        default="mse",
+        metadata={"help": f"Hidden-state loss, one of {sorted(HIDDEN_LOSSES)}."},
+    )
+    layer_map: dict | str | None = field(
+        default=None,
+        metadata={"help": "Student hidden-state index -> teacher hidden-state index (0 is the embedding output, "
+                  "i the output of layer i), as a dict or a JSON string like '{\"1\": 2, \"2\": 4}'. Default: "
+                  "uniform, student layer i -> teacher layer i * L_teacher / L_student."},
+    )
+    attention_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of attention transfer (0 disables it; needs an online teacher)."},
+    )
+    attention_loss: str = field(
+        default="attention_kl",
+        metadata={"help": f"Attention transfer, one of {list(ATTENTION_LOSSES)}: KL between attention maps "
+                  "(TinyBERT) or between value relations (MiniLM)."},
+    )
+    attention_layers: str = field(
+        default="last",
+        metadata={"help": "Which student layers the attention loss matches: 'last' (MiniLM) or 'all' (through "
+                  "layer_map)."},
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype of the frozen teacher, e.g. 'bfloat16' (halves its memory); None keeps its own."},
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for from_pretrained when the teacher is given as a path or Hub id."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}. Typical values are 1 to 4.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha must be in [0, 1] (the soft-loss weight; the hard loss gets 1 - alpha), got {self.alpha}."
+            )
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"Unknown kd_loss {self.kd_loss!r}. Choose one of {sorted(KD_LOSSES)}.")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}.")
+        if not 0.0 <= self.skew_lambda < 1.0:
+            raise ValueError(f"skew_lambda must be in [0, 1), got {self.skew_lambda}; 0.1 is DistiLLM's default.")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"Unknown hidden_loss {self.hidden_loss!r}. Choose one of {sorted(HIDDEN_LOSSES)}.")
+        if self.attention_loss not in ATTENTION_LOSSES:
+            raise ValueError(f"Unknown attention_loss {self.attention_loss!r}. Choose one of {list(ATTENTION_LOSSES)}.")
+        if self.attention_layers not in ("last", "all"):
+            raise ValueError(f"attention_layers must be 'last' or 'all', got {self.attention_layers!r}.")
+        for name in ("hidden_loss_weight", "attention_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
+            raise ValueError(f"Unknown teacher_dtype {self.teacher_dtype!r}. Choose one of {sorted(_DTYPES)}.")
+        self.layer_map = self._parse_layer_map(self.layer_map)
+
+    @staticmethod
+    def _parse_layer_map(value: dict[int, int] | str | None) -> dict[int, int] | None:
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"layer_map must be a JSON object like '{{\"1\": 2}}', got {value!r}.") from err
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"layer_map must be a non-empty mapping student index -> teacher index, got {value!r}.")
+        try:
+            return {int(k): int(v) for k, v in value.items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"layer_map keys and values must be integers, got {value!r}.") from err
+
+    @property
+    def torch_teacher_dtype(self) -> torch.dtype | None:
+        return None if self.teacher_dtype is None else _DTYPES[self.teacher_dtype]
+
+    def kd_params(self) -> dict[str, float]:
+        """Extra parameters of the chosen KD loss."""
+        if self.kd_loss == "jsd":
+            return {"jsd_beta": self.jsd_beta}
+        if self.kd_loss.startswith("skew"):
+            return {"skew_lambda": self.skew_lambda}
+        return {}

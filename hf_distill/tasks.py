@@ -1,0 +1,128 @@
+"""Which task a model solves, and which logit positions take part in the loss for that task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
+
+IGNORE_INDEX = -100
+
+
+class Task(str, Enum):
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+    CAUSAL_LM = "causal-lm"
+
+
+AUTO_CLASSES = {
+    Task.SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+    Task.TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+    Task.CAUSAL_LM: AutoModelForCausalLM,
+}
+_CLASS_NAMES = {
+    Task.SEQUENCE_CLASSIFICATION: set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()),
+    Task.TOKEN_CLASSIFICATION: set(MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values()),
+    Task.CAUSAL_LM: set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()),
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def infer_task(model: nn.Module) -> Task:
+    """Task of a transformers model, from its class name (the Auto* registries) and, failing that, its suffix."""
+    name = type(unwrap_model(model)).__name__
+    for task, names in _CLASS_NAMES.items():
+        if name in names:
+            return task
+    for suffix, task in (("ForSequenceClassification", Task.SEQUENCE_CLASSIFICATION),
+                         ("ForTokenClassification", Task.TOKEN_CLASSIFICATION), ("ForCausalLM", Task.CAUSAL_LM),
+                         ("LMHeadModel", Task.CAUSAL_LM)):
+        if name.endswith(suffix):
+            return task
+    raise ValueError(
+        f"hf_distill cannot tell which task {name} solves. Supported: sequence classification, token "
+        "classification and causal LM models (AutoModelForSequenceClassification / TokenClassification / CausalLM)."
+    )
+
+
+@dataclass
+class AlignedLogits:
+    """Student and teacher logits flattened to the positions that count, plus those positions' labels."""
+
+    student: torch.Tensor  # [N, C]
+    teacher: torch.Tensor | None  # [N, C]
+    labels: torch.Tensor | None  # [N]
+    mask: torch.Tensor  # [N] bool: which of the N positions count
+    positions: torch.Tensor | None = None  # [B, L] bool over token positions (None for sequence classification)
+
+
+def loss_positions(
+    task: Task, labels: torch.Tensor | None, attention_mask: torch.Tensor | None, logits: torch.Tensor
+) -> torch.Tensor | None:
+    """Boolean mask over the positions of ``logits`` (before flattening) that enter the losses.
+
+    Labels decide when present (-100 marks padding, prompt or sub-word positions); otherwise the attention mask.
+    For causal LM, position i predicts token i + 1, so the mask is taken from the shifted labels.
+    """
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        if labels is None:
+            return None
+        return labels != IGNORE_INDEX if labels.dtype in (torch.long, torch.int) else None
+    if task is Task.CAUSAL_LM:
+        if labels is not None:
+            return labels[:, 1:] != IGNORE_INDEX
+        if attention_mask is not None:
+            return (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)[:, 1:]
+    if labels is not None:
+        return labels != IGNORE_INDEX
+    if attention_mask is not None:
+        return attention_mask.bool()
+    return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+
+
+def align_logits(
+    task: Task,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> AlignedLogits:
+    """Shift (causal LM) and flatten logits so that row i of student, teacher and labels talk about one position."""
+    positions = loss_positions(task, labels, attention_mask, student_logits)
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        mask = positions if positions is not None else torch.ones(
+            student_logits.shape[0], dtype=torch.bool, device=student_logits.device
+        )
+        return AlignedLogits(student_logits, teacher_logits, labels, mask)
+    if task is Task.CAUSAL_LM:
+        student_logits = student_logits[:, :-1]
+        teacher_logits = None if teacher_logits is None else teacher_logits[:, :-1]
+        labels = None if labels is None else labels[:, 1:]
+    num_classes = student_logits.shape[-1]
+    return AlignedLogits(
+        student=student_logits.reshape(-1, num_classes),
+        teacher=None if teacher_logits is None else teacher_logits.reshape(-1, num_classes),
+        labels=None if labels is None else labels.reshape(-1),
+        mask=positions.reshape(-1),
+        positions=positions,
+    )

@@ -1,0 +1,211 @@
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss adds a frozen teacher's soft targets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from hf_distill.cache import (
+    CACHE_COLUMNS,
+    CACHE_TEMPERATURE,
+    REST_MASS,
+    TOPK_INDICES,
+    TOPK_LOGITS,
+    CachedLogitsCollator,
+    dense_teacher_logits,
+)
+from hf_distill.config import DistillationConfig
+from hf_distill.intermediate import IntermediateMatcher
+from hf_distill.losses import distillation_loss, masked_mean
+from hf_distill.tasks import AUTO_CLASSES, Task, align_logits, infer_task, unwrap_model
+from hf_distill.validation import validate_setup
+
+PROJECTIONS_FILE = "distillation_projections.safetensors"
+
+
+class DistillationTrainer(Trainer):
+    """Trains ``model`` (the student) on ``alpha·KD + (1 − alpha)·CE`` (+ hidden-state and attention matching).
+
+    ``teacher`` is a model, a path or Hub id (loaded with the student's Auto class, no remote code), or None to
+    train from teacher logits cached in the dataset by :func:`~hf_distill.cache_teacher_logits`. The teacher is
+    frozen, kept in eval mode, run under ``torch.no_grad`` and placed by Accelerate on the student's device; it is
+    never seen by the optimizer nor saved. Evaluation and ``predict`` behave as with ``Trainer``, for the student.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        teacher: PreTrainedModel | nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("DistillationTrainer needs the student as `model=`.")
+        if not isinstance(args, DistillationConfig):
+            raise ValueError(
+                f"args must be a DistillationConfig (got {type(args).__name__}); it holds temperature, alpha, kd_loss."
+            )
+        self.task = infer_task(model)
+        if isinstance(teacher, str):
+            teacher = load_teacher(teacher, args, self.task)
+        # Every check runs before Trainer builds optimizers, dataloaders or moves weights.
+        validate_setup(model, teacher, args, self.task, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        self.matcher = IntermediateMatcher(model, teacher, args, self.task) if teacher is not None else None
+        if self.matcher is not None and self.matcher.projections is not None:
+            # A submodule of the student so that DDP syncs it and the optimizer trains it; excluded from every save.
+            model.add_module(IntermediateMatcher.ATTRIBUTE, self.matcher.projections)
+            model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or set()) | {
+                f"{IntermediateMatcher.ATTRIBUTE}.{k}" for k in self.matcher.projections.state_dict()
+            }
+        super().__init__(model=model, args=args, **kwargs)
+        self.data_collator = CachedLogitsCollator(self.data_collator)
+        # num_items_in_batch (labelled positions over the accumulated batch, all ranks) normalises our loss, so the
+        # update of batch 8 × accumulation 1 equals that of batch 4 × accumulation 2.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self.teacher = None
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            if args.torch_teacher_dtype is not None:
+                teacher.to(args.torch_teacher_dtype)
+            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self._components: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # --- data ------------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        # Keep the cached teacher columns when unused columns are removed.
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
+
+    # --- loss ------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        args: DistillationConfig = self.args
+        cached = {k: inputs.pop(k) for k in CACHE_COLUMNS if k in inputs}
+        labels = inputs.pop("labels", None)
+        want_hidden = self.matcher is not None and self.matcher.needs_hidden
+        want_attn = self.matcher is not None and self.matcher.needs_attentions
+        extra = {"output_hidden_states": True} if want_hidden else {}
+        if want_attn:
+            extra["output_attentions"] = True
+        if self.task is Task.CAUSAL_LM:
+            extra["use_cache"] = False  # a KV cache is dead weight in a single training forward
+        with self.matcher.capture_values(model, "student") if self.matcher else contextlib.nullcontext():
+            outputs = model(**inputs, **extra)
+        teacher_outputs = None
+        if self.teacher is not None:
+            with torch.no_grad(), self.matcher.capture_values(self.teacher, "teacher"):
+                teacher_outputs = self.teacher(**inputs, **extra)
+            teacher_logits = teacher_outputs.logits
+        else:
+            teacher_logits = dense_teacher_logits(
+                cached[TOPK_LOGITS], cached[TOPK_INDICES], cached[REST_MASS], outputs.logits.shape[-1],
+                float(cached[CACHE_TEMPERATURE][0]))
+
+        aligned = align_logits(self.task, outputs.logits, teacher_logits, labels, inputs.get("attention_mask"))
+        steps = self.current_gradient_accumulation_steps if model.training else 1
+        # Label-level terms are sums over positions divided by the labelled positions of the whole accumulated
+        # batch (Trainer's num_items_in_batch, all ranks), so batch 8 × accumulation 1 gives the update of 4 × 2.
+        # DDP then averages gradients over ranks while that count spans all ranks: multiply back, as Trainer does.
+        rank_scale = 1
+        if num_items_in_batch is not None:
+            denominator = torch.as_tensor(num_items_in_batch, device=aligned.student.device, dtype=torch.float32)
+            if args.average_tokens_across_devices:
+                rank_scale = self.accelerator.num_processes
+        else:
+            denominator = aligned.mask.sum().float().clamp_min(1) * steps
+        label_terms: dict[str, torch.Tensor] = {}
+        if args.alpha > 0:
+            label_terms["kd_loss"] = distillation_loss(
+                aligned.student, aligned.teacher, loss=args.kd_loss, temperature=args.temperature, mask=aligned.mask,
+                scale_by_t2=args.scale_by_t2, reduction="sum", **args.kd_params()) / denominator * rank_scale
+        if args.alpha < 1:
+            label_terms["hard_loss"] = self.hard_loss(aligned.student, aligned.labels, aligned.mask) / denominator
+            label_terms["hard_loss"] = label_terms["hard_loss"] * rank_scale
+        total = sum(
+            (args.alpha if name == "kd_loss" else 1 - args.alpha) * value for name, value in label_terms.items()
+        )
+        # Hidden/attention terms are per-token means of this micro-batch; DDP's gradient mean is already right.
+        layer_terms: dict[str, torch.Tensor] = {}
+        if teacher_outputs is not None and self.matcher is not None:
+            for name, value in self.matcher.losses(outputs, teacher_outputs, inputs.get("attention_mask")).items():
+                layer_terms[name] = value / steps
+                total = total + self.matcher.weight(name) * layer_terms[name]
+        self._record({k: v / rank_scale for k, v in label_terms.items()} | layer_terms, steps, model.training)
+        if not return_outputs:
+            return total
+        # prediction_step turns every output field into "predictions": hand it the logits alone, as plain Trainer does.
+        return total, type(outputs)(loss=total.detach(), logits=outputs.logits)
+
+    def hard_loss(self, logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy against the labels (MSE for single-output regression heads)."""
+        if labels is None:
+            raise ValueError("alpha < 1 needs labels in every batch; set alpha=1.0 to train on the teacher alone.")
+        if logits.shape[-1] == 1 and labels.is_floating_point():
+            return masked_mean((logits.squeeze(-1).float() - labels.float()).pow(2), mask, "sum")
+        safe_labels = labels.masked_fill(~mask, 0).long()
+        per_item = nn.functional.cross_entropy(logits.float(), safe_labels, reduction="none")
+        return masked_mean(per_item, mask, "sum")
+
+    def _record(self, components: dict[str, torch.Tensor], steps: int, training: bool) -> None:
+        # Undo the accumulation scaling so each logged value reads as this micro-batch's mean loss.
+        mode = "train" if training else "eval"
+        for name, value in components.items():
+            self._components[mode][name].append(float(value.detach()) * steps)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._components[mode].items():
+            if values:
+                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
+                if self.accelerator.num_processes > 1:
+                    mean = self.accelerator.reduce(mean, reduction="mean")
+                logs[f"{prefix}{name}"] = float(mean)
+        self._components[mode].clear()
+        super().log(logs, start_time)
+
+    # --- checkpoints: projections travel with checkpoints (for resume), never with the student ----------------
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.matcher is None or self.matcher.projections is None or not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.matcher.projections.state_dict().items()}
+        safetensors.torch.save_file(state, os.path.join(folder, PROJECTIONS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
+        if self.matcher is not None and self.matcher.projections is not None and os.path.isfile(path):
+            self.matcher.projections.load_state_dict(safetensors.torch.load_file(path))
+
+
+def load_teacher(path: str, args: DistillationConfig, task: Task) -> PreTrainedModel:
+    """Load a fine-tuned teacher from a folder or Hub id (safetensors only, no remote code unless asked)."""
+    kwargs: dict[str, Any] = dict(args.teacher_model_init_kwargs or {})
+    kwargs.setdefault("use_safetensors", True)
+    if args.torch_teacher_dtype is not None:
+        kwargs.setdefault("dtype", args.torch_teacher_dtype)
+    if not os.path.isdir(path) and os.path.exists(path):
+        raise ValueError(f"Teacher path {path!r} is a file; pass the folder written by save_pretrained.")
+    return AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+
+
+__all__ = ["DistillationTrainer", "load_teacher", "unwrap_model"]

@@ -1,0 +1,132 @@
+"""Checks run before the first training step: each names the problem and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from hf_distill.cache import CACHE_TEMPERATURE, REST_MASS, TOPK_LOGITS, has_cached_logits
+from hf_distill.config import DistillationConfig
+from hf_distill.tasks import Task, infer_task, unwrap_model
+
+LABEL_COLUMNS = ("labels", "label", "label_ids")
+
+
+def _columns(dataset: Any) -> list[str] | None:
+    """Column names of a datasets.Dataset, or the keys of a map-style dataset's first example."""
+    if dataset is None:
+        return None
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):
+        return names
+    try:
+        first = dataset[0]
+    except Exception:  # iterable or empty datasets: nothing to check up front
+        return None
+    return list(first) if isinstance(first, dict) else None
+
+
+def _output_classes(model: nn.Module, task: Task) -> int:
+    base = unwrap_model(model)
+    if task is Task.CAUSAL_LM:
+        head = base.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(base.config.vocab_size)
+    return int(base.config.num_labels)
+
+
+def validate_setup(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    args: DistillationConfig,
+    task: Task,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+) -> None:
+    columns = _columns(train_dataset)
+    if teacher is None:
+        _validate_cached(student, args, task, train_dataset, columns)
+    else:
+        _validate_teacher(student, teacher, args, task)
+    if args.alpha < 1 and columns is not None and not any(c in columns for c in (*LABEL_COLUMNS, *(args.label_names or []))):
+        raise ValueError(
+            f"alpha={args.alpha} gives the hard-label loss weight {1 - args.alpha:.2f}, but the train dataset has no "
+            f"label column (columns: {columns}). Add a 'labels' column, or set alpha=1.0 to learn from the teacher only."
+        )
+    del eval_dataset  # evaluation runs the same loss; its labels are checked by Trainer when it predicts
+
+
+def _validate_cached(student: nn.Module, args: DistillationConfig, task: Task, dataset: Any, columns: Any) -> None:
+    if columns is None or not has_cached_logits(columns):
+        raise ValueError(
+            "teacher=None needs a train dataset with cached teacher logits (columns teacher_topk_logits, "
+            "teacher_topk_indices, teacher_rest_mass, teacher_temperature); found "
+            f"{columns}. Run hf_distill.cache_teacher_logits(teacher, dataset) first, or pass teacher=."
+        )
+    if args.hidden_loss_weight > 0 or args.attention_loss_weight > 0:
+        raise ValueError(
+            "Hidden-state and attention matching need the teacher's activations, which the logit cache does not "
+            "hold. Pass teacher= (online distillation) or set hidden_loss_weight=0 and attention_loss_weight=0."
+        )
+    if args.kd_loss == "mse":
+        raise ValueError("kd_loss='mse' compares raw logits; a top-k cache keeps only probabilities. Use a "
+                         "divergence such as 'forward_kl' with cached logits, or pass teacher=.")
+    first = dataset[0]
+    cached_k = len(first[TOPK_LOGITS]) if task is Task.SEQUENCE_CLASSIFICATION else len(first[TOPK_LOGITS][0])
+    classes = _output_classes(student, task)
+    if cached_k > classes:
+        raise ValueError(f"The cache holds {cached_k} teacher logits per position but the student has only {classes} "
+                         "classes: the cache comes from a teacher with another label set or vocabulary.")
+    rest = first[REST_MASS]
+    spread = max(rest) if isinstance(rest, list) else rest
+    if cached_k < classes and spread > 0 and abs(first[CACHE_TEMPERATURE] - args.temperature) > 1e-6:
+        raise ValueError(
+            f"The teacher cache was built at temperature {first[CACHE_TEMPERATURE]} with top_k={cached_k} < "
+            f"{classes} classes, so its leftover mass only holds at that temperature, but training uses "
+            f"temperature={args.temperature}. Set temperature={first[CACHE_TEMPERATURE]} or rebuild the cache "
+            f"with cache_teacher_logits(..., temperature={args.temperature})."
+        )
+
+
+def _validate_teacher(student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task) -> None:
+    if teacher is student:
+        raise ValueError("teacher and model are the same object: the student would distil from itself. Pass a "
+                         "separate (fine-tuned) teacher, e.g. loaded again with from_pretrained.")
+    if any(p.is_meta for p in teacher.parameters()):
+        raise ValueError(
+            "The teacher's weights are on the meta device (loaded without weights, e.g. under init_empty_weights). "
+            "Load it with real weights: AutoModel...from_pretrained(path) without device_map='meta'."
+        )
+    teacher_task = infer_task(teacher)
+    if teacher_task is not task:
+        raise ValueError(f"The teacher solves {teacher_task.value} but the student {task.value}; load the teacher "
+                         f"with the student's Auto class.")
+    s_classes, t_classes = _output_classes(student, task), _output_classes(teacher, task)
+    if task is Task.CAUSAL_LM and s_classes != t_classes:
+        raise ValueError(
+            f"Teacher vocabulary size {t_classes} differs from the student's {s_classes}: token-level KD needs one "
+            "vocabulary. Use a student with the teacher's tokenizer (create_student does), or resize the student's "
+            "embeddings with model.resize_token_embeddings(teacher_vocab_size)."
+        )
+    if task is not Task.CAUSAL_LM:
+        if s_classes != t_classes:
+            raise ValueError(
+                f"Teacher has {t_classes} labels but the student {s_classes}: build the student with the teacher's "
+                "num_labels, id2label and label2id (create_student copies them)."
+            )
+        s_map = getattr(unwrap_model(student).config, "label2id", None)
+        t_map = getattr(unwrap_model(teacher).config, "label2id", None)
+        if s_map and t_map and {str(k): int(v) for k, v in s_map.items()} != {str(k): int(v) for k, v in t_map.items()}:
+            raise ValueError(
+                f"Teacher label2id {t_map} differs from the student's {s_map}: the same class index must mean the "
+                "same label. Give the student the teacher's label2id/id2label."
+            )
+    if args.layer_map is not None:
+        s_layers = unwrap_model(student).config.num_hidden_layers
+        t_layers = unwrap_model(teacher).config.num_hidden_layers
+        for s, t in args.layer_map.items():
+            if not 0 <= s <= s_layers or not 0 <= t <= t_layers:
+                raise ValueError(
+                    f"layer_map entry {s} -> {t} is out of range: student hidden states are 0..{s_layers} and "
+                    f"teacher hidden states 0..{t_layers} (0 is the embedding output)."
+                )

@@ -46,7 +46,8 @@ def pad_batch(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch[key] = torch.tensor([list(v) + [_PAD_KEYS[key]] * (width - len(v)) for v in values])
     if "attention_mask" not in batch and "input_ids" in batch:
         lengths = [len(f["input_ids"]) for f in features]
-        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+        positions = torch.arange(batch["input_ids"].shape[1])[None]
+        batch["attention_mask"] = (positions < torch.tensor(lengths)[:, None]).long()
     return batch
 
 

@@ -119,7 +119,9 @@ class IntermediateMatcher:
             for handle in handles:
                 handle.remove()
 
-    def losses(self, student_out: Any, teacher_out: Any, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def losses(
+        self, student_out: Any, teacher_out: Any, attention_mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
         if self.needs_hidden:
             terms = []

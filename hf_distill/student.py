@@ -77,7 +77,9 @@ def create_student(
         raise ValueError("Pass exactly one of num_layers (uniform choice) or layers (explicit teacher indices).")
     if layers is None:
         if not isinstance(num_layers, int) or not 1 <= num_layers <= teacher_layers:
-            raise ValueError(f"num_layers must be an int in [1, {teacher_layers}] (the teacher's depth), got {num_layers}.")
+            raise ValueError(
+                f"num_layers must be an int in [1, {teacher_layers}] (the teacher's depth), got {num_layers}."
+            )
         layers = choose_layers(teacher_layers, num_layers)
     layers = list(layers)
     if not layers or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= teacher_layers:

@@ -48,10 +48,12 @@ def validate_setup(
         _validate_cached(student, args, task, train_dataset, columns)
     else:
         _validate_teacher(student, teacher, args, task)
-    if args.alpha < 1 and columns is not None and not any(c in columns for c in (*LABEL_COLUMNS, *(args.label_names or []))):
+    label_columns = (*LABEL_COLUMNS, *(args.label_names or []))
+    if args.alpha < 1 and columns is not None and not any(c in columns for c in label_columns):
         raise ValueError(
-            f"alpha={args.alpha} gives the hard-label loss weight {1 - args.alpha:.2f}, but the train dataset has no "
-            f"label column (columns: {columns}). Add a 'labels' column, or set alpha=1.0 to learn from the teacher only."
+            f"alpha={args.alpha} gives the hard-label loss weight {1 - args.alpha:.2f}, but the train dataset has "
+            f"no label column (columns: {columns}). Add a 'labels' column, or set alpha=1.0 to learn from the "
+            "teacher only."
         )
     del eval_dataset  # evaluation runs the same loss; its labels are checked by Trainer when it predicts
 

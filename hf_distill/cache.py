@@ -138,7 +138,10 @@ class CachedLogitsCollator:
         batch[CACHE_TEMPERATURE] = torch.tensor([c[CACHE_TEMPERATURE] for c in cached])
         if logits[0].dim() == 1:  # one distribution per example
             batch[TOPK_LOGITS], batch[TOPK_INDICES], batch[REST_MASS] = (
-                torch.stack(logits), torch.stack(indices), torch.stack(rest))
+                torch.stack(logits),
+                torch.stack(indices),
+                torch.stack(rest),
+            )
             return batch
         mask = batch["attention_mask"].bool()
         k = logits[0].shape[-1]
@@ -160,7 +163,10 @@ class CachedLogitsCollator:
 
 
 def dense_teacher_logits(
-    topk_logits: torch.Tensor, topk_indices: torch.Tensor, rest_mass: torch.Tensor, num_classes: int,
+    topk_logits: torch.Tensor,
+    topk_indices: torch.Tensor,
+    rest_mass: torch.Tensor,
+    num_classes: int,
     temperature: float,
 ) -> torch.Tensor:
     """Rebuild full teacher logits ``[..., num_classes]`` from a top-k cache.
@@ -171,7 +177,8 @@ def dense_teacher_logits(
     k = topk_logits.shape[-1]
     if k == num_classes:
         return torch.zeros(*topk_logits.shape[:-1], num_classes, device=topk_logits.device).scatter(
-            -1, topk_indices, topk_logits.float())
+            -1, topk_indices, topk_logits.float()
+        )
     tiny = torch.finfo(torch.float32).tiny
     top_probs = torch.softmax(topk_logits.float() / temperature, -1) * (1.0 - rest_mass).unsqueeze(-1)
     other = (rest_mass / (num_classes - k)).clamp_min(tiny).unsqueeze(-1)

@@ -11,8 +11,14 @@ from transformers import TrainingArguments
 from hf_distill.losses import HIDDEN_LOSSES, KD_LOSSES
 
 ATTENTION_LOSSES = ("attention_kl", "value_relation")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -25,13 +31,17 @@ class DistillationConfig(TrainingArguments):
 
     temperature: float = field(
         default=2.0,
-        metadata={"help": "Softmax temperature T of the soft targets (> 0). Higher T exposes the teacher's "
-                  "'dark knowledge' in small probabilities."},
+        metadata={
+            "help": "Softmax temperature T of the soft targets (> 0). Higher T exposes the teacher's "
+            "'dark knowledge' in small probabilities."
+        },
     )
     alpha: float = field(
         default=0.5,
-        metadata={"help": "Weight of the soft (KD) term in [0, 1]; the hard-label loss gets 1 - alpha. "
-                  "alpha=1 trains on the teacher alone and needs no labels."},
+        metadata={
+            "help": "Weight of the soft (KD) term in [0, 1]; the hard-label loss gets 1 - alpha. "
+            "alpha=1 trains on the teacher alone and needs no labels."
+        },
     )
     kd_loss: str = field(
         default="forward_kl",
@@ -39,8 +49,9 @@ class DistillationConfig(TrainingArguments):
     )
     jsd_beta: float = field(
         default=0.5,
-        metadata={"help": "Interpolation of the generalised JSD in [0, 1] (kd_loss='jsd'): 0 is forward KL, "
-                  "1 is reverse KL."},
+        metadata={
+            "help": "Interpolation of the generalised JSD in [0, 1] (kd_loss='jsd'): 0 is forward KL, 1 is reverse KL."
+        },
     )
     skew_lambda: float = field(
         default=0.1,
@@ -60,9 +71,11 @@ class DistillationConfig(TrainingArguments):
     )
     layer_map: dict | str | None = field(
         default=None,
-        metadata={"help": "Student hidden-state index -> teacher hidden-state index (0 is the embedding output, "
-                  "i the output of layer i), as a dict or a JSON string like '{\"1\": 2, \"2\": 4}'. Default: "
-                  "uniform, student layer i -> teacher layer i * L_teacher / L_student."},
+        metadata={
+            "help": "Student hidden-state index -> teacher hidden-state index (0 is the embedding output, "
+            'i the output of layer i), as a dict or a JSON string like \'{"1": 2, "2": 4}\'. Default: '
+            "uniform, student layer i -> teacher layer i * L_teacher / L_student."
+        },
     )
     attention_loss_weight: float = field(
         default=0.0,
@@ -70,13 +83,16 @@ class DistillationConfig(TrainingArguments):
     )
     attention_loss: str = field(
         default="attention_kl",
-        metadata={"help": f"Attention transfer, one of {list(ATTENTION_LOSSES)}: KL between attention maps "
-                  "(TinyBERT) or between value relations (MiniLM)."},
+        metadata={
+            "help": f"Attention transfer, one of {list(ATTENTION_LOSSES)}: KL between attention maps "
+            "(TinyBERT) or between value relations (MiniLM)."
+        },
     )
     attention_layers: str = field(
         default="last",
-        metadata={"help": "Which student layers the attention loss matches: 'last' (MiniLM) or 'all' (through "
-                  "layer_map)."},
+        metadata={
+            "help": "Which student layers the attention loss matches: 'last' (MiniLM) or 'all' (through layer_map)."
+        },
     )
     teacher_dtype: str | None = field(
         default=None,

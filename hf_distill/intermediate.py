@@ -70,8 +70,10 @@ class IntermediateMatcher:
         self._value_modules: dict[str, dict[int, nn.Module]] = {}
         self.relation_heads = 1
         if self.needs_values:
-            self._value_modules = {"student": self._find_values(s_model, [s for s, _ in self.attention_pairs]),
-                                   "teacher": self._find_values(t_model, [t for _, t in self.attention_pairs])}
+            self._value_modules = {
+                "student": self._find_values(s_model, [s for s, _ in self.attention_pairs]),
+                "teacher": self._find_values(t_model, [t for _, t in self.attention_pairs]),
+            }
             # MiniLMv2 splits values into the same number of relation heads for both models, so that teacher and
             # student with different widths or head counts still compare [seq, seq] relations head by head.
             widths = [m.out_features for side in self._value_modules.values() for m in side.values()]
@@ -129,17 +131,30 @@ class IntermediateMatcher:
                 s_hidden = student_out.hidden_states[s]
                 if self.projections is not None:
                     s_hidden = self.projections[str(s)](s_hidden)
-                terms.append(hidden_state_loss(s_hidden, teacher_out.hidden_states[t], loss=self.args.hidden_loss,
-                                               mask=None if attention_mask is None else attention_mask.bool()))
+                terms.append(
+                    hidden_state_loss(
+                        s_hidden,
+                        teacher_out.hidden_states[t],
+                        loss=self.args.hidden_loss,
+                        mask=None if attention_mask is None else attention_mask.bool(),
+                    )
+                )
             result["hidden_loss"] = torch.stack(terms).mean()
         if self.needs_attentions:
-            terms = [attention_kl(student_out.attentions[s - 1], teacher_out.attentions[t - 1], key_mask=attention_mask)
-                     for s, t in self.attention_pairs]
+            terms = [
+                attention_kl(student_out.attentions[s - 1], teacher_out.attentions[t - 1], key_mask=attention_mask)
+                for s, t in self.attention_pairs
+            ]
             result["attention_loss"] = self._query_mean(terms, attention_mask)
         if self.needs_values:
-            terms = [value_relation_kl(self._heads(self._values["student"][s]), self._heads(self._values["teacher"][t]),
-                                       key_mask=attention_mask)
-                     for s, t in self.attention_pairs]
+            terms = [
+                value_relation_kl(
+                    self._heads(self._values["student"][s]),
+                    self._heads(self._values["teacher"][t]),
+                    key_mask=attention_mask,
+                )
+                for s, t in self.attention_pairs
+            ]
             result["attention_loss"] = self._query_mean(terms, attention_mask)
         return result
 

@@ -41,9 +41,7 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
     """log(weight_p·p + (1 − weight_p)·q), computed stably in log space."""
-    return torch.logsumexp(
-        torch.stack([log_p + math.log(weight_p), log_q + math.log1p(-weight_p)]), dim=0
-    )
+    return torch.logsumexp(torch.stack([log_p + math.log(weight_p), log_q + math.log1p(-weight_p)]), dim=0)
 
 
 @register_kd_loss("forward_kl")
@@ -59,9 +57,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 
 
 @register_kd_loss("jsd")
-def generalized_jsd(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, jsd_beta: float = 0.5
-) -> torch.Tensor:
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, jsd_beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024).
 
     ``beta·KL(t || m) + (1 − beta)·KL(s || m)`` with ``m = beta·t + (1 − beta)·s``. As in GKD (and TRL), the endpoints

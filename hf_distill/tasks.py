@@ -53,9 +53,12 @@ def infer_task(model: nn.Module) -> Task:
     for task, names in _CLASS_NAMES.items():
         if name in names:
             return task
-    for suffix, task in (("ForSequenceClassification", Task.SEQUENCE_CLASSIFICATION),
-                         ("ForTokenClassification", Task.TOKEN_CLASSIFICATION), ("ForCausalLM", Task.CAUSAL_LM),
-                         ("LMHeadModel", Task.CAUSAL_LM)):
+    for suffix, task in (
+        ("ForSequenceClassification", Task.SEQUENCE_CLASSIFICATION),
+        ("ForTokenClassification", Task.TOKEN_CLASSIFICATION),
+        ("ForCausalLM", Task.CAUSAL_LM),
+        ("LMHeadModel", Task.CAUSAL_LM),
+    ):
         if name.endswith(suffix):
             return task
     raise ValueError(
@@ -110,8 +113,10 @@ def align_logits(
     """Shift (causal LM) and flatten logits so that row i of student, teacher and labels talk about one position."""
     positions = loss_positions(task, labels, attention_mask, student_logits)
     if task is Task.SEQUENCE_CLASSIFICATION:
-        mask = positions if positions is not None else torch.ones(
-            student_logits.shape[0], dtype=torch.bool, device=student_logits.device
+        mask = (
+            positions
+            if positions is not None
+            else torch.ones(student_logits.shape[0], dtype=torch.bool, device=student_logits.device)
         )
         return AlignedLogits(student_logits, teacher_logits, labels, mask)
     if task is Task.CAUSAL_LM:

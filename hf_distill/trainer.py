@@ -114,11 +114,15 @@ class DistillationTrainer(Trainer):
             teacher_logits = teacher_outputs.logits
         else:
             teacher_logits = dense_teacher_logits(
-                cached[TOPK_LOGITS], cached[TOPK_INDICES], cached[REST_MASS], outputs.logits.shape[-1],
-                float(cached[CACHE_TEMPERATURE][0]))
+                cached[TOPK_LOGITS],
+                cached[TOPK_INDICES],
+                cached[REST_MASS],
+                outputs.logits.shape[-1],
+                float(cached[CACHE_TEMPERATURE][0]),
+            )
 
         aligned = align_logits(self.task, outputs.logits, teacher_logits, labels, inputs.get("attention_mask"))
-        steps = self.current_gradient_accumulation_steps if model.training else 1
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
         # Label-level terms are sums over positions divided by the labelled positions of the whole accumulated
         # batch (Trainer's num_items_in_batch, all ranks), so batch 8 × accumulation 1 gives the update of 4 × 2.
         # DDP then averages gradients over ranks while that count spans all ranks: multiply back, as Trainer does.
@@ -131,9 +135,20 @@ class DistillationTrainer(Trainer):
             denominator = aligned.mask.sum().float().clamp_min(1) * steps
         label_terms: dict[str, torch.Tensor] = {}
         if args.alpha > 0:
-            label_terms["kd_loss"] = distillation_loss(
-                aligned.student, aligned.teacher, loss=args.kd_loss, temperature=args.temperature, mask=aligned.mask,
-                scale_by_t2=args.scale_by_t2, reduction="sum", **args.kd_params()) / denominator * rank_scale
+            label_terms["kd_loss"] = (
+                distillation_loss(
+                    aligned.student,
+                    aligned.teacher,
+                    loss=args.kd_loss,
+                    temperature=args.temperature,
+                    mask=aligned.mask,
+                    scale_by_t2=args.scale_by_t2,
+                    reduction="sum",
+                    **args.kd_params(),
+                )
+                / denominator
+                * rank_scale
+            )
         if args.alpha < 1:
             label_terms["hard_loss"] = self.hard_loss(aligned.student, aligned.labels, aligned.mask) / denominator
             label_terms["hard_loss"] = label_terms["hard_loss"] * rank_scale

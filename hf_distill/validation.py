@@ -71,14 +71,18 @@ def _validate_cached(student: nn.Module, args: DistillationConfig, task: Task, d
             "hold. Pass teacher= (online distillation) or set hidden_loss_weight=0 and attention_loss_weight=0."
         )
     if args.kd_loss == "mse":
-        raise ValueError("kd_loss='mse' compares raw logits; a top-k cache keeps only probabilities. Use a "
-                         "divergence such as 'forward_kl' with cached logits, or pass teacher=.")
+        raise ValueError(
+            "kd_loss='mse' compares raw logits; a top-k cache keeps only probabilities. Use a "
+            "divergence such as 'forward_kl' with cached logits, or pass teacher=."
+        )
     first = dataset[0]
     cached_k = len(first[TOPK_LOGITS]) if task is Task.SEQUENCE_CLASSIFICATION else len(first[TOPK_LOGITS][0])
     classes = _output_classes(student, task)
     if cached_k > classes:
-        raise ValueError(f"The cache holds {cached_k} teacher logits per position but the student has only {classes} "
-                         "classes: the cache comes from a teacher with another label set or vocabulary.")
+        raise ValueError(
+            f"The cache holds {cached_k} teacher logits per position but the student has only {classes} "
+            "classes: the cache comes from a teacher with another label set or vocabulary."
+        )
     rest = first[REST_MASS]
     spread = max(rest) if isinstance(rest, list) else rest
     if cached_k < classes and spread > 0 and abs(first[CACHE_TEMPERATURE] - args.temperature) > 1e-6:
@@ -92,8 +96,10 @@ def _validate_cached(student: nn.Module, args: DistillationConfig, task: Task, d
 
 def _validate_teacher(student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task) -> None:
     if teacher is student:
-        raise ValueError("teacher and model are the same object: the student would distil from itself. Pass a "
-                         "separate (fine-tuned) teacher, e.g. loaded again with from_pretrained.")
+        raise ValueError(
+            "teacher and model are the same object: the student would distil from itself. Pass a "
+            "separate (fine-tuned) teacher, e.g. loaded again with from_pretrained."
+        )
     if any(p.is_meta for p in teacher.parameters()):
         raise ValueError(
             "The teacher's weights are on the meta device (loaded without weights, e.g. under init_empty_weights). "
@@ -101,8 +107,10 @@ def _validate_teacher(student: nn.Module, teacher: nn.Module, args: Distillation
         )
     teacher_task = infer_task(teacher)
     if teacher_task is not task:
-        raise ValueError(f"The teacher solves {teacher_task.value} but the student {task.value}; load the teacher "
-                         f"with the student's Auto class.")
+        raise ValueError(
+            f"The teacher solves {teacher_task.value} but the student {task.value}; load the teacher "
+            f"with the student's Auto class."
+        )
     s_classes, t_classes = _output_classes(student, task), _output_classes(teacher, task)
     if task is Task.CAUSAL_LM and s_classes != t_classes:
         raise ValueError(

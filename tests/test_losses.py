@@ -32,9 +32,9 @@ def pair():
 def test_forward_kl_matches_hand_computation_with_t2(pair):
     s, t = pair
     temperature = 2.0
-    expected = sum(
-        _kl_by_hand(_probs(t[i], temperature), _probs(s[i], temperature)) for i in range(6)
-    ) / 6 * temperature**2
+    expected = (
+        sum(_kl_by_hand(_probs(t[i], temperature), _probs(s[i], temperature)) for i in range(6)) / 6 * temperature**2
+    )
     got = distillation_loss(s, t, loss="forward_kl", temperature=temperature)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     unscaled = distillation_loss(s, t, loss="forward_kl", temperature=temperature, scale_by_t2=False)
@@ -73,10 +73,12 @@ def test_skew_losses_by_hand_and_limits(pair):
     expected_r = sum(_kl_by_hand(_probs(s[i]), lam * _probs(s[i]) + (1 - lam) * _probs(t[i])) for i in range(6)) / 6
     got_r = distillation_loss(s, t, loss="skew_reverse_kl", skew_lambda=lam)
     assert got_r.item() == pytest.approx(expected_r, rel=1e-5)
-    assert torch.allclose(distillation_loss(s, t, loss="skew_kl", skew_lambda=0.0),
-                          distillation_loss(s, t, loss="forward_kl"))
-    assert torch.allclose(distillation_loss(s, t, loss="skew_reverse_kl", skew_lambda=0.0),
-                          distillation_loss(s, t, loss="reverse_kl"))
+    assert torch.allclose(
+        distillation_loss(s, t, loss="skew_kl", skew_lambda=0.0), distillation_loss(s, t, loss="forward_kl")
+    )
+    assert torch.allclose(
+        distillation_loss(s, t, loss="skew_reverse_kl", skew_lambda=0.0), distillation_loss(s, t, loss="reverse_kl")
+    )
     # λ → 1 mixes the target into itself: the divergence vanishes.
     assert distillation_loss(s, t, loss="skew_kl", skew_lambda=0.999).item() < 1e-3
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM, RobertaConfig, RobertaForTokenClassification
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaForTokenClassification,
+)
 
 from hf_distill import create_student
 from hf_distill.student import choose_layers
@@ -13,7 +20,7 @@ def _assert_copied(teacher, student, stack, layers):
     t_state, s_state = teacher.state_dict(), student.state_dict()
     for key, value in s_state.items():
         if key.startswith(stack + "."):
-            index, rest = key[len(stack) + 1:].split(".", 1)
+            index, rest = key[len(stack) + 1 :].split(".", 1)
             source = f"{stack}.{layers[int(index)]}.{rest}"
         else:
             source = key
@@ -48,13 +55,29 @@ def test_gpt2_qwen2_roberta_are_cut_by_introspection():
     student = create_student(gpt2, num_layers=2)
     _assert_copied(gpt2, student, "transformer.h", [0, 3])
     assert student.lm_head.weight.data_ptr() == student.transformer.wte.weight.data_ptr()  # tying survives
-    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=30, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=30,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     q_student = create_student(qwen, layers=[0, 2])
     _assert_copied(qwen, q_student, "model.layers", [0, 2])
     assert len(q_student.config.layer_types) == 2
-    roberta = RobertaForTokenClassification(RobertaConfig(vocab_size=30, hidden_size=32, num_hidden_layers=3,
-                                                          num_attention_heads=4, intermediate_size=64, num_labels=5))
+    roberta = RobertaForTokenClassification(
+        RobertaConfig(
+            vocab_size=30,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=5,
+        )
+    )
     r_student = create_student(roberta, num_layers=1)
     _assert_copied(roberta, r_student, "roberta.encoder.layer", [2])
 

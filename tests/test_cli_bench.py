@@ -1,0 +1,134 @@
+"""`hf-distill export` and `hf-distill bench` on a tiny student with the real MiniLM tokenizer and SST-2 rows."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from hf_distill.cli import main
+from hf_distill.data import find_sst2_dir, minilm_path
+
+BENCH_FIELDS = {
+    "engine",
+    "variant",
+    "batch",
+    "seq_len",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "throughput_per_s",
+    "peak_rss_mb",
+    "size_mb",
+    "metric",
+    "metric_value",
+}
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+    ).save_pretrained(folder / "s")
+    tokenizer.save_pretrained(folder / "s")
+    lines = (find_sst2_dir() / "dev.tsv").read_text().splitlines()[:41]  # header + 40 real rows
+    (folder / "dev.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_cli_export_then_bench(student_dir, capsys):
+    out = student_dir / "onnx"
+    code = main(
+        [
+            "export",
+            str(student_dir / "s"),
+            str(out),
+            "--data",
+            str(student_dir / "dev.tsv"),
+            "--variants",
+            "fp32,int8_dynamic",
+            "--max-metric-drop",
+            "100",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["num_validation_examples"] == 40 and len(report["variants"]) == 2
+    assert "| int8_dynamic |" in capsys.readouterr().out
+    code = main(
+        [
+            "bench",
+            str(out),
+            "--student",
+            str(student_dir / "s"),
+            "--batch-sizes",
+            "1,2",
+            "--seq-lens",
+            "8",
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--output-dir",
+            str(student_dir / "bench"),
+        ]
+    )
+    assert code == 0
+    result = json.loads((student_dir / "bench" / "bench.json").read_text())
+    assert {(r["variant"], r["batch"]) for r in result["rows"]} == {
+        (v, b) for v in ("student_fp32", "fp32", "int8_dynamic") for b in (1, 2)
+    }
+    for row in result["rows"]:
+        assert BENCH_FIELDS <= set(row)
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["peak_rss_mb"] > 10
+    assert result["machine"]["onnxruntime"] and "cpu_flags" in result["machine"]
+    assert "| engine |" in (student_dir / "bench" / "bench.md").read_text()
+    assert (student_dir / "bench" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    # A second export into the same folder is refused, with the user's files intact.
+    assert main(["export", str(student_dir / "s"), str(out), "--data", str(student_dir / "dev.tsv")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (out / "model_int8.onnx").is_file()
+
+
+def test_cli_errors_exit_nonzero_with_a_message(student_dir, capsys):
+    assert (
+        main(["export", str(student_dir / "nope"), str(student_dir / "o2"), "--data", str(student_dir / "dev.tsv")])
+        == 2
+    )
+    assert "No saved model" in capsys.readouterr().err
+    assert main(["export", str(student_dir / "s"), str(student_dir / "o2"), "--data", "missing.tsv"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "export",
+                str(student_dir / "s"),
+                str(student_dir / "o2"),
+                "--data",
+                str(student_dir / "dev.tsv"),
+                "--text-column",
+                "text",
+            ]
+        )
+        == 2
+    )
+    assert "needs a text column 'text'" in capsys.readouterr().err
+    assert main(["bench", str(student_dir)]) == 2
+    assert "no export_report.json" in capsys.readouterr().err
+    assert not (student_dir / "o2").exists()
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "hf_distill.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "export" in result.stdout and "bench" in result.stdout

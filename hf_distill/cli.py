@@ -101,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 fail_on_gate=not args.allow_failed,
                 overwrite=args.force,
             )
-            print(
-                f"\n| variant | {report['reference']['metric']} | drop | max abs diff | MB | gate |\n|---|---|---|---|---|---|"
-            )
+            metric = report["reference"]["metric"]
+            print(f"\n| variant | {metric} | drop | max abs diff | MB | gate |\n" + "|---" * 6 + "|")
             for r in report["variants"]:
                 print(
                     f"| {r['variant']} | {r['metric_value']:.2f} | {r['metric_drop']:.2f} | {r['max_abs_diff']:.3g} "

@@ -13,6 +13,7 @@ import platform
 import resource
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,12 @@ def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
                 )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
     return [{**row, "peak_rss_mb": peak_mb} for row in rows]
+
+
+def measure_in_fresh_process(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run :func:`_measure` in a newly spawned interpreter (clean peak RSS, no shared thread pools)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure, spec).result()
 
 
 def _size_mb(path: str | Path) -> float:
@@ -228,13 +235,10 @@ def benchmark(
                 )
             )
     rows: list[dict[str, Any]] = []
-    context = multiprocessing.get_context("spawn")
     for spec, meta in specs:
         logger.info("benchmarking %s %s", meta["engine"], meta["variant"])
         print(f"[bench] {meta['engine']} {meta['variant']} ...", flush=True)
-        with context.Pool(1) as pool:
-            measured = pool.apply(_measure, (spec,))
-        rows += [{**meta, **m} for m in measured]
+        rows += [{**meta, **m} for m in measure_in_fresh_process(spec)]
     result = {
         "machine": machine_info(threads),
         "rows": rows,

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our progress at INFO; the exporters' and optimizers' chatter only when it is a warning.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_distill").setLevel(logging.INFO)
     try:
         if args.command == "export":
             from hf_distill.onnx_export import export_onnx

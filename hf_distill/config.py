@@ -98,6 +98,14 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "dtype of the frozen teacher, e.g. 'bfloat16' (halves its memory); None keeps its own."},
     )
+    teacher_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt distillation: this text (instructions, label descriptions, few-shot examples) is "
+            "put in front of every input the teacher reads; the student reads the input alone (typically "
+            "with a learned soft prompt), so the prompt's effect is distilled into the student."
+        },
+    )
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for from_pretrained when the teacher is given as a path or Hub id."},
@@ -129,6 +137,8 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
             raise ValueError(f"Unknown teacher_dtype {self.teacher_dtype!r}. Choose one of {sorted(_DTYPES)}.")
         self.layer_map = self._parse_layer_map(self.layer_map)
+        if self.teacher_prompt is not None and not self.teacher_prompt.strip():
+            raise ValueError("teacher_prompt is empty; pass the prompt text or leave it unset (None).")
 
     @staticmethod
     def _parse_layer_map(value: dict[int, int] | str | None) -> dict[int, int] | None:

@@ -122,13 +122,14 @@ class IntermediateMatcher:
                 handle.remove()
 
     def losses(
-        self, student_out: Any, teacher_out: Any, attention_mask: torch.Tensor | None
+        self, student_out: Any, teacher_out: Any, attention_mask: torch.Tensor | None, student_offset: int = 0
     ) -> dict[str, torch.Tensor]:
+        """Layer losses; ``student_offset`` skips a prompt-learning student's leading virtual positions."""
         result: dict[str, torch.Tensor] = {}
         if self.needs_hidden:
             terms = []
             for s, t in sorted(self.layer_map.items()):
-                s_hidden = student_out.hidden_states[s]
+                s_hidden = student_out.hidden_states[s][:, student_offset:]
                 if self.projections is not None:
                     s_hidden = self.projections[str(s)](s_hidden)
                 terms.append(

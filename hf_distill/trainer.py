@@ -25,6 +25,7 @@ from hf_distill.cache import (
 from hf_distill.config import DistillationConfig
 from hf_distill.intermediate import IntermediateMatcher
 from hf_distill.losses import distillation_loss, masked_mean
+from hf_distill.prompts import num_virtual_tokens
 from hf_distill.tasks import AUTO_CLASSES, Task, align_logits, infer_task, unwrap_model
 from hf_distill.validation import validate_setup
 
@@ -54,10 +55,14 @@ class DistillationTrainer(Trainer):
                 f"args must be a DistillationConfig (got {type(args).__name__}); it holds temperature, alpha, kd_loss."
             )
         self.task = infer_task(model)
+        processing_class = kwargs.get("processing_class")
         if isinstance(teacher, str):
             teacher = load_teacher(teacher, args, self.task)
         # Every check runs before Trainer builds optimizers, dataloaders or moves weights.
-        validate_setup(model, teacher, args, self.task, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        validate_setup(model, teacher, args, self.task, kwargs.get("train_dataset"), processing_class)
+        # Prompt-learning PEFT students prepend virtual positions to their outputs; they never meet a teacher token.
+        self.num_virtual_tokens = num_virtual_tokens(model)
+        self.teacher_prompt = TeacherPrompt(args.teacher_prompt, processing_class) if args.teacher_prompt else None
         self.matcher = IntermediateMatcher(model, teacher, args, self.task) if teacher is not None else None
         if self.matcher is not None and self.matcher.projections is not None:
             # A submodule of the student so that DDP syncs it and the optimizer trains it; excluded from every save.
@@ -107,21 +112,29 @@ class DistillationTrainer(Trainer):
             extra["use_cache"] = False  # a KV cache is dead weight in a single training forward
         with self.matcher.capture_values(model, "student") if self.matcher else contextlib.nullcontext():
             outputs = model(**inputs, **extra)
+        student_logits = outputs.logits
+        if self.num_virtual_tokens and self.task is not Task.SEQUENCE_CLASSIFICATION:
+            student_logits = student_logits[:, self.num_virtual_tokens :]
         teacher_outputs = None
         if self.teacher is not None:
+            if self.teacher.training:  # a teacher sharing a PEFT student's frozen base follows model.train()
+                self.teacher.eval()
+            teacher_inputs = self.teacher_prompt.prepend(inputs) if self.teacher_prompt else inputs
             with torch.no_grad(), self.matcher.capture_values(self.teacher, "teacher"):
-                teacher_outputs = self.teacher(**inputs, **extra)
+                teacher_outputs = self.teacher(**teacher_inputs, **extra)
             teacher_logits = teacher_outputs.logits
+            if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
+                teacher_logits = self.teacher_prompt.drop_prompt_positions(teacher_logits)
         else:
             teacher_logits = dense_teacher_logits(
                 cached[TOPK_LOGITS],
                 cached[TOPK_INDICES],
                 cached[REST_MASS],
-                outputs.logits.shape[-1],
+                student_logits.shape[-1],
                 float(cached[CACHE_TEMPERATURE][0]),
             )
 
-        aligned = align_logits(self.task, outputs.logits, teacher_logits, labels, inputs.get("attention_mask"))
+        aligned = align_logits(self.task, student_logits, teacher_logits, labels, inputs.get("attention_mask"))
         steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
         # Label-level terms are sums over positions divided by the labelled positions of the whole accumulated
         # batch (Trainer's num_items_in_batch, all ranks), so batch 8 × accumulation 1 gives the update of 4 × 2.
@@ -158,14 +171,17 @@ class DistillationTrainer(Trainer):
         # Hidden/attention terms are per-token means of this micro-batch; DDP's gradient mean is already right.
         layer_terms: dict[str, torch.Tensor] = {}
         if teacher_outputs is not None and self.matcher is not None:
-            for name, value in self.matcher.losses(outputs, teacher_outputs, inputs.get("attention_mask")).items():
+            layer_losses = self.matcher.losses(
+                outputs, teacher_outputs, inputs.get("attention_mask"), student_offset=self.num_virtual_tokens
+            )
+            for name, value in layer_losses.items():
                 layer_terms[name] = value / steps
                 total = total + self.matcher.weight(name) * layer_terms[name]
         self._record({k: v / rank_scale for k, v in label_terms.items()} | layer_terms, steps, model.training)
         if not return_outputs:
             return total
         # prediction_step turns every output field into "predictions": hand it the logits alone, as plain Trainer does.
-        return total, type(outputs)(loss=total.detach(), logits=outputs.logits)
+        return total, type(outputs)(loss=total.detach(), logits=student_logits)
 
     def hard_loss(self, logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy against the labels (MSE for single-output regression heads)."""
@@ -210,6 +226,47 @@ class DistillationTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
         if self.matcher is not None and self.matcher.projections is not None and os.path.isfile(path):
             self.matcher.projections.load_state_dict(safetensors.torch.load_file(path))
+
+
+class TeacherPrompt:
+    """Puts a hand-written prompt in front of every teacher input (prompt/context distillation).
+
+    The prompt goes after a leading special token ([CLS] / <bos>) when the tokenizer adds one. For causal LMs the
+    teacher's logits at the prompt positions are dropped again, so that teacher position i predicts the same next
+    token as student position i.
+    """
+
+    def __init__(self, text: str, tokenizer: Any) -> None:
+        self.ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        probe = tokenizer("x")["input_ids"]
+        self.insert_at = 1 if probe and probe[0] in set(tokenizer.all_special_ids) else 0
+        self.length = int(self.ids.numel())
+
+    def prepend(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        mask = inputs.get("attention_mask")
+        if mask is not None and bool((mask[:, 0] == 0).any()):
+            raise ValueError("teacher_prompt needs right-padded batches (the tokenizer's padding_side='right').")
+        k, batch = self.insert_at, inputs["input_ids"].shape[0]
+        fills = {"input_ids": self.ids.to(inputs["input_ids"].device), "attention_mask": 1, "token_type_ids": 0}
+        result = dict(inputs)
+        for key, fill in fills.items():
+            if key not in inputs:
+                continue
+            tensor = inputs[key]
+            middle = (
+                fill.expand(batch, -1)
+                if torch.is_tensor(fill)
+                else torch.full((batch, self.length), fill, dtype=tensor.dtype, device=tensor.device)
+            )
+            result[key] = torch.cat([tensor[:, :k], middle, tensor[:, k:]], dim=1)
+        return result
+
+    def drop_prompt_positions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Teacher logits realigned to the student's positions (causal LM)."""
+        k, length = self.insert_at, self.length
+        if k == 0:
+            return logits[:, length:]
+        return torch.cat([logits[:, : k - 1], logits[:, k - 1 + length :]], dim=1)
 
 
 def load_teacher(path: str, args: DistillationConfig, task: Task) -> PreTrainedModel:

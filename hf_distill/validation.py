@@ -8,6 +8,7 @@ from torch import nn
 
 from hf_distill.cache import CACHE_TEMPERATURE, REST_MASS, TOPK_LOGITS, has_cached_logits
 from hf_distill.config import DistillationConfig
+from hf_distill.prompts import check_peft_combination, num_virtual_tokens
 from hf_distill.tasks import Task, infer_task, unwrap_model
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
@@ -41,9 +42,17 @@ def validate_setup(
     args: DistillationConfig,
     task: Task,
     train_dataset: Any = None,
-    eval_dataset: Any = None,
+    processing_class: Any = None,
 ) -> None:
     columns = _columns(train_dataset)
+    check_peft_combination(student)
+    if num_virtual_tokens(student) and args.attention_loss_weight > 0:
+        raise ValueError(
+            "Attention matching cannot align a prompt-learning student's virtual positions with the "
+            "teacher's attention maps; set attention_loss_weight=0 (hidden-state matching works)."
+        )
+    if args.teacher_prompt is not None:
+        _validate_teacher_prompt(args, task, teacher, processing_class)
     if teacher is None:
         _validate_cached(student, args, task, train_dataset, columns)
     else:
@@ -55,7 +64,23 @@ def validate_setup(
             f"no label column (columns: {columns}). Add a 'labels' column, or set alpha=1.0 to learn from the "
             "teacher only."
         )
-    del eval_dataset  # evaluation runs the same loss; its labels are checked by Trainer when it predicts
+
+
+def _validate_teacher_prompt(args: DistillationConfig, task: Task, teacher: Any, processing_class: Any) -> None:
+    if teacher is None:
+        raise ValueError("teacher_prompt needs an online teacher (teacher=...): the logit cache holds no prompt.")
+    if task is Task.TOKEN_CLASSIFICATION:
+        raise ValueError(
+            "teacher_prompt supports sequence classification and causal LM; token labels would have to "
+            "be shifted past the prompt."
+        )
+    if processing_class is None or not callable(processing_class):
+        raise ValueError("teacher_prompt needs the tokenizer: pass processing_class=tokenizer to DistillationTrainer.")
+    if args.hidden_loss_weight > 0 or args.attention_loss_weight > 0:
+        raise ValueError(
+            "teacher_prompt distils outputs only: set hidden_loss_weight=0 and attention_loss_weight=0 "
+            "(the teacher's hidden states include the prompt positions)."
+        )
 
 
 def _validate_cached(student: nn.Module, args: DistillationConfig, task: Task, dataset: Any, columns: Any) -> None:

@@ -26,7 +26,13 @@ MANIFEST = "hf_distill_manifest.json"
 class EdgeModel:
     """An exported student, loaded for inference with onnxruntime."""
 
-    def __init__(self, folder: str | os.PathLike, variant: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        variant: str | None = None,
+        threads: int | None = None,
+        prompt: str | os.PathLike | None = None,
+    ) -> None:
         self.folder = Path(folder)
         manifest_path = self.folder / MANIFEST
         if not manifest_path.is_file():
@@ -52,12 +58,38 @@ class EdgeModel:
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest["tokenizer"]))
         self.max_length = int(self.manifest["max_length"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.prompt = self._load_prompt(prompt)
+
+    def _load_prompt(self, prompt: str | os.PathLike | None) -> np.ndarray | None:
+        """The soft prompt fed to a prompt-as-input export (one backbone, one .npy file per task)."""
+        info = self.manifest.get("prompt") or {}
+        if info.get("mode") != "input":
+            if prompt is not None:
+                raise SystemExit(
+                    "error: --prompt needs an export made with prompt_mode='input'; this one has "
+                    f"{info.get('mode') or 'no'} prompt."
+                )
+            return None
+        path = Path(prompt) if prompt is not None else self.folder / info["default_file"]
+        if not path.is_file():
+            raise SystemExit(f"error: prompt file {path} not found.")
+        embeds = np.load(path).astype(np.float32)
+        if embeds.shape[0] != info["num_virtual_tokens"]:
+            raise SystemExit(
+                f"error: {path} holds {embeds.shape[0]} virtual tokens; this backbone was exported for "
+                f"{info['num_virtual_tokens']}."
+            )
+        return embeds
 
     def _feed(self, texts: list[str]) -> dict[str, np.ndarray]:
         encodings = self.tokenizer.encode_batch(texts)
         for text, enc in zip(texts, encodings, strict=True):
             if len(enc.ids) > self.max_length:
-                print(f"warning: input truncated to {self.max_length} tokens: {text[:40]!r}...", file=sys.stderr)
+                print(
+                    f"warning: input is {len(enc.ids)} tokens, longer than this export's {self.max_length} "
+                    f"(positions left after the soft prompt); truncated: {text[:40]!r}...",
+                    file=sys.stderr,
+                )
         width = min(max(len(e.ids) for e in encodings), self.max_length)
         pad = int(self.manifest.get("pad_token_id") or 0)
 
@@ -68,6 +100,7 @@ class EdgeModel:
             "input_ids": padded([e.ids for e in encodings], pad),
             "attention_mask": padded([[1] * len(e.ids) for e in encodings], 0),
             "token_type_ids": padded([e.type_ids for e in encodings], 0),
+            "prompt_embeds": self.prompt,
         }
         return {name: feed[name] for name in self.input_names}
 
@@ -106,6 +139,7 @@ class EdgeModel:
             feed = {
                 "input_ids": np.array([window], dtype=np.int64),
                 "attention_mask": np.ones((1, len(window)), dtype=np.int64),
+                "prompt_embeds": self.prompt,
             }
             next_id = int(self.session.run(["logits"], {k: feed[k] for k in self.input_names})[0][0, -1].argmax())
             ids.append(next_id)
@@ -121,9 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default=None, help="Variant to run (default: the manifest's default_variant).")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
     parser.add_argument("--generate", default=None, help="Prompt for greedy generation (causal-LM exports).")
+    parser.add_argument("--prompt", default=None, help="Soft-prompt .npy file (exports with a prompt input).")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_intermixed_args(argv)
-    model = EdgeModel(args.model_dir, args.variant, args.threads)
+    model = EdgeModel(args.model_dir, args.variant, args.threads, args.prompt)
     if args.generate is not None:
         print(json.dumps({"prompt": args.generate, "text": model.generate(args.generate, args.max_new_tokens)}))
         return

@@ -97,9 +97,13 @@ def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
         if spec["threads"]:
             options.intra_op_num_threads = spec["threads"]
         session = ort.InferenceSession(spec["path"], options, providers=[spec["provider"]])
-        names = [i.name for i in session.get_inputs()]
+        shapes = {i.name: i.shape for i in session.get_inputs()}
+        names = [n for n in shapes if n != "prompt_embeds"]
+        # A prompt-as-input export: latency does not depend on the prompt's values.
+        prompt = np.zeros(shapes["prompt_embeds"], dtype=np.float32) if "prompt_embeds" in shapes else None
 
         def runner(feed: dict[str, np.ndarray]) -> Any:
+            feed = {**feed, "prompt_embeds": prompt} if prompt is not None else feed
             return lambda: session.run(None, feed)
 
         context, vocab = contextlib.nullcontext(), spec["vocab"]

@@ -15,9 +15,11 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
@@ -31,6 +33,7 @@ from hf_distill.onnx_validate import (
     validate_variant,
 )
 from hf_distill.onnx_variants import INT8_LADDER, VARIANT_FILES, build_variant
+from hf_distill.prompts import check_peft_combination, prompt_embeddings
 from hf_distill.tasks import AUTO_CLASSES, Task, infer_task
 
 logger = logging.getLogger(__name__)
@@ -41,9 +44,11 @@ _TWO_GB = 2 * 1024**3
 
 
 def load_for_export(model_or_dir: PreTrainedModel | nn.Module | str | os.PathLike) -> tuple[PreTrainedModel, Any]:
-    """The model (PEFT LoRA merged) and, for a folder, its tokenizer."""
+    """The model (PEFT LoRA merged) and, for a folder, its tokenizer. Prompt-learning PEFT models stay wrapped."""
     tokenizer = None
-    if isinstance(model_or_dir, (str, os.PathLike)):
+    if isinstance(model_or_dir, (str, os.PathLike)) and (Path(model_or_dir) / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter_folder(Path(model_or_dir))
+    elif isinstance(model_or_dir, (str, os.PathLike)):
         folder = Path(model_or_dir)
         if not (folder / "config.json").is_file():
             raise ValueError(
@@ -65,17 +70,44 @@ def load_for_export(model_or_dir: PreTrainedModel | nn.Module | str | os.PathLik
             tokenizer = None
     else:
         model = model_or_dir
-    peft_type = getattr(getattr(model, "peft_config", {}).get("default"), "peft_type", None)
-    if peft_type is not None:
-        if str(getattr(peft_type, "value", peft_type)) != "LORA":
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and not config.is_prompt_learning:
+        model = model.merge_and_unload()  # LoRA & co: fold the adapter into the weights
+    elif config is not None:
+        check_peft_combination(model)
+        if type(config).__name__ == "PrefixTuningConfig":
             raise ValueError(
-                f"Exporting a {peft_type} PEFT model needs its virtual prompt in the graph: use "
-                "hf_distill's prompt export (the PEFT issue), or merge the adapter first."
+                "Prefix tuning lives in the attention cache, which the exported graph does not take; "
+                "export prompt-tuned, p-tuned or LoRA students."
             )
-        model = model.merge_and_unload()
+        return model.eval(), tokenizer
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"export_onnx needs a transformers PreTrainedModel or its folder, got {type(model).__name__}.")
     return model.eval(), tokenizer
+
+
+def _load_adapter_folder(folder: Path) -> tuple[nn.Module, Any]:
+    from peft import (
+        AutoPeftModelForCausalLM,
+        AutoPeftModelForSequenceClassification,
+        AutoPeftModelForTokenClassification,
+        PeftConfig,
+    )
+
+    task_type = str(PeftConfig.from_pretrained(folder).task_type)
+    loaders = {
+        "SEQ_CLS": AutoPeftModelForSequenceClassification,
+        "TOKEN_CLS": AutoPeftModelForTokenClassification,
+        "CAUSAL_LM": AutoPeftModelForCausalLM,
+    }
+    if task_type not in loaders:
+        raise ValueError(f"Cannot export a PEFT adapter of task type {task_type}; supported: {sorted(loaders)}.")
+    model = loaders[task_type].from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
 
 
 _SUFFIX = {
@@ -86,68 +118,102 @@ _SUFFIX = {
 
 
 class _LogitsOnly(nn.Module):
-    """Export wrapper: named tensor inputs in, logits out (no KV cache, no dict outputs)."""
+    """Export wrapper: named tensor inputs in, logits out (no KV cache, no dict outputs).
 
-    def __init__(self, model: PreTrainedModel, input_names: Sequence[str]) -> None:
+    With a soft prompt it does what PEFT's prompt-learning forward does: prepend the prompt embeddings to the input
+    embeddings, extend the attention mask (and token types), and, for per-token outputs, drop the virtual positions.
+    The prompt is a constant of the graph (``prompt_as_input=False``) or its input ``prompt_embeds``.
+    """
+
+    def __init__(self, model: PreTrainedModel, prompt: torch.Tensor | None = None, prompt_as_input: bool = False):
         super().__init__()
-        self.model, self.input_names = model, list(input_names)
+        self.model, self.prompt_as_input = model, prompt_as_input
+        self.baked = None if prompt is None or prompt_as_input else nn.Parameter(prompt, requires_grad=False)
+        self.causal = infer_task(model) is Task.CAUSAL_LM
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        kwargs: dict[str, Any] = {"use_cache": False} if self.causal else {}
+        prompt = prompt_embeds if self.prompt_as_input else self.baked
+        if prompt is None:
+            kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return self.model(**kwargs).logits
+        batch, virtual = input_ids.shape[0], prompt.shape[0]
+        embeds = self.model.get_input_embeddings()(input_ids)
+        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], 1)
+        kwargs["attention_mask"] = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], 1)
         if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        if infer_task(self.model) is Task.CAUSAL_LM:
-            kwargs["use_cache"] = False
-        return self.model(**kwargs).logits
+            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], 1)
+        logits = self.model(**kwargs).logits
+        return logits[:, virtual:] if logits.dim() == 3 else logits
 
 
-def input_names_for(model: PreTrainedModel) -> list[str]:
-    return ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(model) else [])
+def input_names_for(model: PreTrainedModel, prompt_as_input: bool = False) -> list[str]:
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(model) else [])
+    return names + (["prompt_embeds"] if prompt_as_input else [])
 
 
-def export_graph(model: PreTrainedModel, path: str, opset: int = 18) -> str:
-    """Write ``model`` as ONNX with dynamic batch and sequence axes; returns the exporter that succeeded.
+def export_graph(
+    model: PreTrainedModel,
+    path: str,
+    opset: int = 18,
+    prompt: torch.Tensor | None = None,
+    prompt_as_input: bool = False,
+) -> str:
+    """Write ``model`` (optionally behind a soft prompt) as ONNX with dynamic batch and sequence axes.
 
-    Tries the dynamo exporter (torch.export) first and falls back to the TorchScript exporter when it fails.
-    Eager attention is used for export: its graph is what onnxruntime's transformer fusions recognise.
+    Tries the dynamo exporter (torch.export) first and falls back to the TorchScript exporter when it fails; returns
+    the one that succeeded. Eager attention is used for export: its graph is what onnxruntime's fusions recognise.
     """
     previous = getattr(model.config, "_attn_implementation", "eager")
     if previous != "eager":
         model.set_attn_implementation("eager")
     try:
-        return _export_graph(model, path, opset)
+        return _export_graph(model, path, opset, prompt, prompt_as_input)
     finally:
         if previous != "eager":
             model.set_attn_implementation(previous)
 
 
-def _export_graph(model: PreTrainedModel, path: str, opset: int) -> str:
-    names = input_names_for(model)
+def _export_graph(
+    model: PreTrainedModel, path: str, opset: int, prompt: torch.Tensor | None, prompt_as_input: bool
+) -> str:
+    names = input_names_for(model, prompt_as_input)
     sample = {
         "input_ids": torch.full((2, 8), 5, dtype=torch.long),
         "attention_mask": torch.ones(2, 8, dtype=torch.long),
         "token_type_ids": torch.zeros(2, 8, dtype=torch.long),
+        "prompt_embeds": prompt,
     }
-    args = tuple(sample[n] for n in names)
-    wrapper = _LogitsOnly(model, names).eval()
+    kwargs = {n: sample[n] for n in names}
+    wrapper = _LogitsOnly(model, prompt, prompt_as_input).eval()
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _TWO_GB * 0.9
     logits_axes = {0: "batch"} if infer_task(model) is Task.SEQUENCE_CLASSIFICATION else {0: "batch", 1: "sequence"}
+    token_inputs = [n for n in names if n != "prompt_embeds"]
     try:
-        max_positions = int(getattr(model.config, "max_position_embeddings", None) or 8192)
+        virtual = 0 if prompt is None else prompt.shape[0]
+        max_positions = int(getattr(model.config, "max_position_embeddings", None) or 8192) - virtual
         batch = torch.export.Dim("batch", min=1, max=4096)
         seq = torch.export.Dim("sequence", min=1, max=max_positions)
+        shapes = {n: ({0: batch, 1: seq} if n in token_inputs else None) for n in names}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper,
-                args,
+                (),
                 path,
+                kwargs=kwargs,
                 dynamo=True,
                 input_names=names,
                 output_names=["logits"],
-                dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+                dynamic_shapes=shapes,
                 opset_version=opset,
                 external_data=big,
                 optimize=True,
@@ -166,12 +232,13 @@ def _export_graph(model: PreTrainedModel, path: str, opset: int) -> str:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper,
-            args,
+            (),
             path,
+            kwargs=kwargs,
             dynamo=False,
             input_names=names,
             output_names=["logits"],
-            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": logits_axes},
+            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in token_inputs}, "logits": logits_axes},
             opset_version=min(opset, 17),
         )
     if big:
@@ -199,6 +266,7 @@ def export_onnx(
     fail_on_gate: bool = True,
     overwrite: bool = False,
     opset: int = 18,
+    prompt_mode: str = "baked",
 ) -> dict[str, Any]:
     """Export a student to ONNX variants, validate each on real data, and write the folder atomically.
 
@@ -207,7 +275,9 @@ def export_onnx(
     Each variant's task metric is compared with PyTorch's: a drop above ``max_metric_drop`` points (accuracy) or
     percent (perplexity) fails it; ``int8_dynamic`` climbs a fallback ladder first. A failed gate raises
     :class:`GateError` unless ``fail_on_gate=False`` (then the report marks it ``passed: false``).
-    Returns the report (also written as ``export_report.json``).
+    Prompt-tuned / p-tuned PEFT students export with their learned prompt ``prompt_mode="baked"`` into the graph, or
+    as its input ``prompt_embeds`` (``"input"``: one backbone serves every task prompt; the prompt is saved under
+    ``prompts/``). Returns the report (also written as ``export_report.json``).
     """
     unknown = [v for v in variants if v not in VARIANT_FILES]
     if unknown or not variants:
@@ -218,52 +288,31 @@ def export_onnx(
             f"{str(output_dir)!r} exists and is not empty; pass overwrite=True (--force) or another "
             "folder. Nothing was written."
         )
-    model, folder_tokenizer = load_for_export(model_or_dir)
-    tokenizer = tokenizer or folder_tokenizer
-    task = infer_task(model)
-    if "int4" in variants and task is not Task.CAUSAL_LM:
+    if prompt_mode not in ("baked", "input"):
+        raise ValueError(f"prompt_mode must be 'baked' or 'input', got {prompt_mode!r}.")
+    loaded, folder_tokenizer = load_for_export(model_or_dir)
+    plan = ExportPlan.create(loaded, tokenizer or folder_tokenizer, prompt_mode, max_length)
+    if "int4" in variants and plan.task is not Task.CAUSAL_LM:
         raise ValueError("int4 weight-only quantization (MatMulNBits) targets decoder LMs; for encoders use int8.")
     # Data problems surface before any export work.
-    batches = make_batches(
-        validation_data,
-        tokenizer,
-        model,
-        task,
-        text_column=text_column,
-        label_column=label_column,
-        limit=num_validation,
-        max_length=max_length,
-        batch_size=batch_size,
+    options = {
+        "text_column": text_column,
+        "label_column": label_column,
+        "max_length": plan.max_length,
+        "batch_size": batch_size,
+    }
+    batches = plan.with_prompt(
+        make_batches(validation_data, plan.tokenizer, plan.model, plan.task, limit=num_validation, **options)
     )
     calibration = batches
     if "int8_static" in variants and calibration_data is not None:
-        calibration = make_batches(
-            calibration_data,
-            tokenizer,
-            model,
-            task,
-            text_column=text_column,
-            label_column=label_column,
-            limit=num_calibration,
-            max_length=max_length,
-            batch_size=batch_size,
+        calibration = plan.with_prompt(
+            make_batches(calibration_data, plan.tokenizer, plan.model, plan.task, limit=num_calibration, **options)
         )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        report = _export_into(
-            staging,
-            model,
-            tokenizer,
-            task,
-            variants,
-            batches,
-            calibration,
-            num_calibration,
-            max_metric_drop,
-            opset,
-            max_length,
-        )
+        report = _export_into(staging, plan, variants, batches, calibration, num_calibration, max_metric_drop, opset)
         failed = [row["variant"] for row in report["variants"] if not row["passed"]]
         if failed and fail_on_gate:
             raise GateError(failed, report)
@@ -277,37 +326,75 @@ def export_onnx(
     return report
 
 
+@dataclass
+class ExportPlan:
+    """What gets exported: the transformers model, its reference (a PEFT model, if any) and its soft prompt."""
+
+    model: PreTrainedModel  # the graph's backbone
+    reference: nn.Module  # the model whose outputs the export must reproduce
+    tokenizer: Any
+    task: Task
+    max_length: int  # longest input, after the virtual tokens' share of the positions
+    prompt: torch.Tensor | None = None
+    prompt_as_input: bool = False
+    adapter: str = "default"
+
+    @classmethod
+    def create(cls, loaded: nn.Module, tokenizer: Any, prompt_mode: str, max_length: int) -> ExportPlan:
+        task = infer_task(loaded)
+        if getattr(loaded, "active_peft_config", None) is None:
+            positions = getattr(loaded.config, "max_position_embeddings", None) or max_length
+            return cls(loaded, loaded, tokenizer, task, min(max_length, positions))
+        prompt = prompt_embeddings(loaded).float().cpu()
+        base = loaded.base_model
+        budget = (getattr(base.config, "max_position_embeddings", None) or 10**9) - prompt.shape[0]
+        if budget < 1:
+            raise ValueError(f"The prompt's {prompt.shape[0]} virtual tokens leave no room for input positions.")
+        return cls(
+            base,
+            loaded,
+            tokenizer,
+            task,
+            min(max_length, budget),
+            prompt,
+            prompt_mode == "input",
+            loaded.active_adapter,
+        )
+
+    def with_prompt(self, batches: EvalBatches) -> EvalBatches:
+        if self.prompt_as_input:
+            for feed in batches.inputs:
+                feed["prompt_embeds"] = self.prompt.numpy()
+        return batches
+
+
 def _export_into(
     folder: Path,
-    model: PreTrainedModel,
-    tokenizer: Any,
-    task: Task,
+    plan: ExportPlan,
     variants: Sequence[str],
     batches: EvalBatches,
     calibration: EvalBatches,
     num_calibration: int,
     max_metric_drop: float,
     opset: int,
-    max_length: int,
 ) -> dict[str, Any]:
-    reference = evaluate_torch(model, batches, task)
+    virtual = 0 if plan.prompt is None else plan.prompt.shape[0]
+    reference = evaluate_torch(plan.reference, batches, plan.task, virtual_tokens=virtual)
     base = str(folder / VARIANT_FILES["fp32"])
-    exporter = export_graph(model, base, opset)
-    model.config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    exporter = export_graph(plan.model, base, opset, plan.prompt, plan.prompt_as_input)
+    plan.model.config.save_pretrained(folder)
+    if plan.tokenizer is not None:
+        plan.tokenizer.save_pretrained(folder)
     rows = []
     for variant in variants:
         attempts = []
         for rung in INT8_LADDER if variant == "int8_dynamic" else (None,):
-            built = build_variant(variant, base, folder, model, calibration, num_calibration, rung)
-            row = validate_variant(built, folder, batches, reference, task, max_metric_drop)
+            built = build_variant(variant, base, folder, plan.model, calibration, num_calibration, rung)
+            row = validate_variant(built, folder, batches, reference, plan.task, max_metric_drop)
             attempts.append({"settings": built.settings, "metric_drop": row["metric_drop"], "passed": row["passed"]})
             if row["passed"]:
                 break
-        row["exporter"] = exporter
-        row["attempts"] = attempts
-        rows.append(row)
+        rows.append({**row, "exporter": exporter, "attempts": attempts})
         logger.info(
             "%s: %s=%.4f (drop %.2f) max|Δ|=%.2e -> %s",
             variant,
@@ -319,25 +406,38 @@ def _export_into(
         )
     if "fp32" not in variants:
         os.remove(base)
+    prompt_info = None
+    if plan.prompt is not None:
+        prompt_info = {
+            "mode": "input" if plan.prompt_as_input else "baked",
+            "num_virtual_tokens": virtual,
+            "adapter": plan.adapter,
+        }
+        if plan.prompt_as_input:
+            (folder / "prompts").mkdir()
+            np.save(folder / "prompts" / f"{plan.adapter}.npy", plan.prompt.numpy())
+            prompt_info["default_file"] = f"prompts/{plan.adapter}.npy"
     report = {
-        "task": task.value,
+        "task": plan.task.value,
         "exporter": exporter,
         "reference": reference.as_dict(),
         "max_metric_drop": max_metric_drop,
         "num_validation_examples": batches.num_examples,
         "variants": rows,
     }
+    id2label = plan.model.config.id2label or {}
     manifest = {
         "format": "hf_distill-onnx/1",
-        "task": task.value,
-        "inputs": input_names_for(model),
+        "task": plan.task.value,
+        "inputs": input_names_for(plan.model, plan.prompt_as_input),
         "outputs": ["logits"],
         "variants": {r["variant"]: r["file"] for r in rows if r["passed"]},
         "default_variant": _default_variant(rows),
-        "max_length": int(min(max_length, getattr(model.config, "max_position_embeddings", max_length) or max_length)),
-        "id2label": {str(k): v for k, v in (model.config.id2label or {}).items()} if task is not Task.CAUSAL_LM else {},
-        "pad_token_id": _pad_id(tokenizer, model),
-        "eos_token_id": getattr(model.config, "eos_token_id", None),
+        "max_length": int(plan.max_length),
+        "prompt": prompt_info,
+        "id2label": {str(k): v for k, v in id2label.items()} if plan.task is not Task.CAUSAL_LM else {},
+        "pad_token_id": _pad_id(plan.tokenizer, plan.model),
+        "eos_token_id": getattr(plan.model.config, "eos_token_id", None),
         "tokenizer": "tokenizer.json" if (folder / "tokenizer.json").is_file() else None,
         "exporter": exporter,
         "opset": opset,

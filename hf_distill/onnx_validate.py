@@ -154,13 +154,15 @@ def metric_drop(metric: str, reference: float, value: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_torch(model: Any, batches: EvalBatches, task: Task) -> Reference:
+def evaluate_torch(model: Any, batches: EvalBatches, task: Task, virtual_tokens: int = 0) -> Reference:
+    """PyTorch logits and metric; a prompt-learning PEFT model's leading virtual positions are dropped."""
     logits = []
     for feed in batches.inputs:
-        kwargs = {k: torch.from_numpy(v) for k, v in feed.items()}
+        kwargs = {k: torch.from_numpy(v) for k, v in feed.items() if k != "prompt_embeds"}
         if task is Task.CAUSAL_LM:
             kwargs["use_cache"] = False
-        logits.append(model(**kwargs).logits.float().numpy())
+        out = model(**kwargs).logits.float()
+        logits.append((out[:, virtual_tokens:] if out.dim() == 3 else out).numpy())
     metric, value = task_metric(task, logits, batches.labels)
     return Reference(logits, metric, value)
 

@@ -7,12 +7,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import subprocess
+import sys
+from pathlib import Path
+
 import datasets
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 24
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_bert(num_layers: int = 4, hidden: int = 32, num_labels: int = 2, seed: int = 0, **kwargs):
@@ -76,3 +81,19 @@ def lm_dataset(n: int, seed: int, seq_len: int = 12) -> datasets.Dataset:
 @pytest.fixture
 def out_dir(tmp_path):
     return str(tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def edge_python(tmp_path_factory):
+    """A virtual environment with only onnxruntime, tokenizers and numpy: the device side, no torch."""
+    venv = tmp_path_factory.mktemp("edge") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "export" / "requirements.txt")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    assert subprocess.run([python, "-c", "import transformers"], capture_output=True).returncode != 0
+    return python

@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,22 +187,6 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_onnx(tiny_bert(1), tmp_path / "onnx", variants=["int8_dynamic"], validation_data=first_token_rule(8, 0))
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture(scope="session")
-def edge_python(tmp_path_factory):
-    """A virtual environment with only onnxruntime, tokenizers and numpy: the device side, no torch."""
-    venv = tmp_path_factory.mktemp("edge") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    subprocess.run(
-        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "export" / "requirements.txt")],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
-    assert subprocess.run([python, "-c", "import transformers"], capture_output=True).returncode != 0
-    return python
 
 
 @pytest.fixture(scope="module")

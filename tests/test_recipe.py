@@ -72,3 +72,49 @@ def test_recipe_runs_teacher_student_baseline(tmp_path):
     student = AutoModelForSequenceClassification.from_pretrained(out / "student")
     assert student.config.num_hidden_layers == 1
     assert student.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_prompt_refine_recipe_runs_prompt_distillation(tmp_path):
+    import prompt_refine
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    for name in ("teacher", "student"):
+        BertForSequenceClassification(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    results = prompt_refine.main(
+        [
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--student",
+            str(tmp_path / "student"),
+            "--train_size",
+            "32",
+            "--teacher_prompt_preset",
+            "instructions",
+            "--num_virtual_tokens",
+            "8",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "2",
+            "--alpha",
+            "1.0",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+        ]
+    )
+    assert results["prompt_tokens_saved_per_request"] == results["teacher_prompt_tokens"] - 8 > 50
+    assert results["teacher"]["agreement"] == 100.0
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

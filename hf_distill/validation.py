@@ -120,16 +120,16 @@ def _validate_cached(student: nn.Module, args: DistillationConfig, task: Task, d
 
 
 def _validate_teacher(student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task) -> None:
+    if teacher is student:
+        raise ValueError(
+            "teacher and model are the same object: the student would distil from itself. Pass a "
+            "separate (fine-tuned) teacher, e.g. loaded again with from_pretrained."
+        )
     trainable = {id(p) for p in student.parameters() if p.requires_grad}
     if any(id(p) in trainable for p in teacher.parameters()):
         raise ValueError(
             "The teacher shares trainable weights with the student (e.g. get_peft_model wrapped the teacher itself, "
             "whose classifier then trains). Build the student from a copy: get_peft_model(copy.deepcopy(teacher), ...)."
-        )
-    if teacher is student:
-        raise ValueError(
-            "teacher and model are the same object: the student would distil from itself. Pass a "
-            "separate (fine-tuned) teacher, e.g. loaded again with from_pretrained."
         )
     if any(p.is_meta for p in teacher.parameters()):
         raise ValueError(

@@ -36,9 +36,33 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
+def _command_line(argv: list[str] | None) -> str:
+    import shlex
+
+    return "hf-distill " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-distill", description="Distil, export and benchmark small models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "The whole job: teacher, student, distill, refine, export, bench, report, push."),
+        ("distill", "Stages teacher, student and distill of a config."),
+        ("push", "Build the model card and upload folder of a finished run and push it."),
+    ):
+        stage = sub.add_parser(name, help=help_text)
+        stage.add_argument("config", help="YAML config (see recipes/configs/).")
+        stage.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Override a config key, e.g. --set distill.temperature=3 (repeatable).",
+        )
+        stage.add_argument("--force", action="store_true", help="Redo finished stages / reuse a foreign output_dir.")
+        if name == "run":
+            stage.add_argument("--stages", default=None, help="Comma-separated subset of the stages to run.")
     exp = sub.add_parser("export", help="Export a saved student to validated ONNX variants.")
     exp.add_argument("model_dir", help="Folder written by save_pretrained / trainer.save_model.")
     exp.add_argument("output_dir", help="Export folder to create.")
@@ -83,7 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hf_distill").setLevel(logging.INFO)
     try:
-        if args.command == "export":
+        if args.command in ("run", "distill", "push"):
+            from hf_distill.pipeline import STAGES, Pipeline
+            from hf_distill.pipeline_config import load_pipeline_config
+
+            overrides = list(args.overrides) + (["push.enabled=true"] if args.command == "push" else [])
+            config = load_pipeline_config(args.config, overrides)
+            stages = {"run": STAGES, "distill": ("teacher", "student", "distill"), "push": ("report", "push")}[
+                args.command
+            ]
+            if args.command == "run" and args.stages:
+                stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+            Pipeline(config, force=args.force, command=_command_line(argv)).run(stages)
+        elif args.command == "export":
             from hf_distill.onnx_export import export_onnx
 
             data = load_table(args.data)

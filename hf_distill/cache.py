@@ -9,7 +9,6 @@ and the rebuilt teacher is exact, so the loss equals the online teacher's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -184,8 +183,3 @@ def dense_teacher_logits(
     other = (rest_mass / (num_classes - k)).clamp_min(tiny).unsqueeze(-1)
     probs = other.expand(*topk_logits.shape[:-1], num_classes).clone().scatter(-1, topk_indices, top_probs)
     return temperature * torch.log(probs.clamp_min(tiny))
-
-
-def rest_is_spread(rest_mass: torch.Tensor) -> bool:
-    """Whether a cache row holds probability outside its top-k (then the cache temperature must match)."""
-    return bool((rest_mass > 1e-6).any()) and not math.isnan(float(rest_mass.sum()))

@@ -121,7 +121,8 @@ def write_report(p: Pipeline) -> dict[str, Any]:
     (p.root / "REPORT.md").write_text(markdown(result))
     if (p.root / "bench" / "bench.png").is_file():
         shutil.copy(p.root / "bench" / "bench.png", p.root / "bench.png")
-    print("\n" + "\n".join(markdown(result).splitlines()[2:8]))
+    summary = [line for line in markdown(result).splitlines()[2:] if not line.startswith("![")]
+    print("\n" + "\n".join(summary) + f"\nreport: {p.root / 'REPORT.md'}")
     return result
 
 

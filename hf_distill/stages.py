@@ -82,10 +82,9 @@ def student_stage(p: Pipeline) -> dict[str, Any]:
 def _distill(p: Pipeline, name: str, alpha: float | None) -> dict[str, Any]:
     """Distil the cut student (``alpha=0``: labels only), resuming from the last checkpoint after a crash."""
     from transformers import DataCollatorWithPadding
-    from transformers.trainer_utils import get_last_checkpoint
 
     from hf_distill.metrics import classification_metrics
-    from hf_distill.trainer import DistillationTrainer
+    from hf_distill.trainer import DistillationTrainer, last_complete_checkpoint
 
     data, tokenizer = p.tokenized()
     folder = p.root / "distill" / name
@@ -101,7 +100,7 @@ def _distill(p: Pipeline, name: str, alpha: float | None) -> dict[str, Any]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics,
     )
-    last = get_last_checkpoint(str(folder / "checkpoints")) if (folder / "checkpoints").is_dir() else None
+    last = last_complete_checkpoint(folder / "checkpoints")
     if last:
         print(f"  resuming {name} from {last}")
     trainer.train(resume_from_checkpoint=last)

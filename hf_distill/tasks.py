@@ -75,7 +75,6 @@ class AlignedLogits:
     teacher: torch.Tensor | None  # [N, C]
     labels: torch.Tensor | None  # [N]
     mask: torch.Tensor  # [N] bool: which of the N positions count
-    positions: torch.Tensor | None = None  # [B, L] bool over token positions (None for sequence classification)
 
 
 def loss_positions(
@@ -129,5 +128,4 @@ def align_logits(
         teacher=None if teacher_logits is None else teacher_logits.reshape(-1, num_classes),
         labels=None if labels is None else labels.reshape(-1),
         mask=positions.reshape(-1),
-        positions=positions,
     )

@@ -54,6 +54,13 @@ class DistillationTrainer(Trainer):
             raise ValueError(
                 f"args must be a DistillationConfig (got {type(args).__name__}); it holds temperature, alpha, kd_loss."
             )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size == 1:
+            raise ValueError(
+                f"Launched with {launched} processes but TrainingArguments set up a single, non-distributed one: "
+                "every rank would train on the same batches. On a machine without GPUs pass use_cpu=True "
+                "(--use_cpu true) so that Accelerate starts gloo ranks (DistributedType.MULTI_CPU)."
+            )
         self.task = infer_task(model)
         processing_class = kwargs.get("processing_class")
         if isinstance(teacher, str):
@@ -177,7 +184,7 @@ class DistillationTrainer(Trainer):
             for name, value in layer_losses.items():
                 layer_terms[name] = value / steps
                 total = total + self.matcher.weight(name) * layer_terms[name]
-        self._record({k: v / rank_scale for k, v in label_terms.items()} | layer_terms, steps, model.training)
+        self._record(label_terms | layer_terms, steps, model.training)
         if not return_outputs:
             return total
         # prediction_step turns every output field into "predictions": hand it the logits alone, as plain Trainer does.
@@ -214,12 +221,15 @@ class DistillationTrainer(Trainer):
     # --- checkpoints: projections travel with checkpoints (for resume), never with the student ----------------
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Projections first: Trainer writes trainer_state.json last, so a checkpoint that has it is complete.
+        if self.matcher is not None and self.matcher.projections is not None and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(folder, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.matcher.projections.state_dict().items()}
+            safetensors.torch.save_file(state, os.path.join(folder, PROJECTIONS_FILE))
         super()._save_checkpoint(model, trial)
-        if self.matcher is None or self.matcher.projections is None or not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.matcher.projections.state_dict().items()}
-        safetensors.torch.save_file(state, os.path.join(folder, PROJECTIONS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -267,6 +277,32 @@ class TeacherPrompt:
         if k == 0:
             return logits[:, length:]
         return torch.cat([logits[:, : k - 1], logits[:, k - 1 + length :]], dim=1)
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest checkpoint that was fully written (its trainer_state.json, written last, parses).
+
+    transformers' get_last_checkpoint returns the newest folder even when a crash (SIGKILL, power loss) interrupted
+    its writing; resuming from it then fails or restores a half-saved state.
+    """
+    import json
+    import re
+
+    if not os.path.isdir(folder):
+        return None
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in os.listdir(folder)
+        if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
+    )
+    for _, name in reversed(steps):
+        try:
+            with open(os.path.join(folder, name, "trainer_state.json")) as f:
+                json.load(f)
+            return os.path.join(folder, name)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def load_teacher(path: str, args: DistillationConfig, task: Task) -> PreTrainedModel:

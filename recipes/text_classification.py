@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from transformers import (
     AutoModelForSequenceClassification,
@@ -32,6 +33,7 @@ from transformers import (
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
 from hf_distill.data import load_sst2, minilm_path
+from hf_distill.pipeline import finetune_teacher, tokenize_text_classification
 
 
 @dataclass
@@ -60,51 +62,26 @@ class ScriptArguments:
     )
 
 
-def tokenize(tokenizer, raw, max_length: int):
-    def encode(batch):
-        encoded = tokenizer(batch["sentence"], truncation=True, max_length=max_length)
-        encoded["labels"] = batch["label"]
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
-        return encoded
-
-    return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing")
-
-
-def finetune_teacher(script: ScriptArguments, args: DistillationConfig, data, tokenizer, collator) -> str:
-    """Fine-tune the teacher backbone on the task; returns the folder of the fine-tuned teacher."""
+def teacher_folder(script: ScriptArguments, args: DistillationConfig, data, tokenizer) -> str:
+    """The fine-tuned teacher: fine-tune the backbone once (reused on reruns) unless it already has a task head."""
+    if script.teacher_is_finetuned:
+        return script.teacher
     folder = os.path.join(args.output_dir, "teacher")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
         print(f"[teacher] reusing the fine-tuned teacher in {folder}")
         return folder
     source = minilm_path() if script.teacher == "minilm" else script.teacher
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
-    )
-    teacher_args = TrainingArguments(
-        output_dir=os.path.join(args.output_dir, "teacher_checkpoints"),
-        num_train_epochs=script.teacher_epochs,
-        learning_rate=script.teacher_learning_rate,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        warmup_steps=args.warmup_steps,
-        weight_decay=0.01,
-        train_sampling_strategy=args.train_sampling_strategy,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to=args.report_to,
-        seed=args.seed,
-        use_cpu=args.use_cpu,
-    )
-    trainer = Trainer(
-        model=model,
-        args=teacher_args,
-        train_dataset=data["train"],
-        data_collator=collator,
-        processing_class=tokenizer,
-    )
     print(f"[teacher] fine-tuning {source} on {len(data['train'])} examples")
-    trainer.train()
-    trainer.save_model(folder)
+    finetune_teacher(
+        source,
+        data,
+        tokenizer,
+        Path(folder),
+        epochs=script.teacher_epochs,
+        learning_rate=script.teacher_learning_rate,
+        batch_size=args.per_device_train_batch_size,
+        seed=args.seed,
+    )
     return folder
 
 
@@ -118,11 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     source = minilm_path() if script.teacher == "minilm" else script.teacher
     tokenizer = AutoTokenizer.from_pretrained(source)
-    data = tokenize(tokenizer, load_sst2(script.data_dir, script.train_size, seed=args.seed), script.max_length)
+    raw = load_sst2(script.data_dir, script.train_size, seed=args.seed)
+    data = tokenize_text_classification(tokenizer, raw, "sentence", "label", script.max_length)
     collator = DataCollatorWithPadding(tokenizer)
-    teacher_dir = (
-        script.teacher if script.teacher_is_finetuned else finetune_teacher(script, args, data, tokenizer, collator)
-    )
+    teacher_dir = teacher_folder(script, args, data, tokenizer)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     results: dict = {"teacher": teacher_dir, "train_examples": len(data["train"])}
     runs = [("student", args.alpha)] + ([("baseline", 0.0)] if script.run_baseline else [])
@@ -145,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         trainer.train()
         trainer.save_model(os.path.join(args.output_dir, name))
+        if trainer.is_world_process_zero():
+            with open(os.path.join(args.output_dir, f"{name}_log_history.json"), "w") as f:
+                json.dump(trainer.state.log_history, f, indent=2)
         results[f"{name}_accuracy"] = trainer.evaluate()["eval_accuracy"]
         results[f"{name}_parameters"] = sum(p.numel() for p in student.parameters())
     teacher_eval = Trainer(

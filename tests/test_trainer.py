@@ -303,3 +303,17 @@ def test_teacher_loaded_from_path(trained_teacher, out_dir, tmp_path):
     )
     for name, param in trainer.teacher.state_dict().items():
         assert torch.equal(param, trained_teacher.state_dict()[name])
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path):
+    from hf_distill.trainer import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text('{"global_step": %d}' % step)
+    (tmp_path / "checkpoint-11").mkdir()
+    (tmp_path / "checkpoint-11" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")

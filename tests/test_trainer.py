@@ -1,5 +1,7 @@
 """DistillationTrainer end to end on tiny models: frozen teacher, KD gain, accumulation, logging, saving."""
 
+import json
+
 import pytest
 import torch
 from conftest import first_token_rule, lm_dataset, tiny_bert, tiny_llama
@@ -313,7 +315,7 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         if complete:
-            (folder / "trainer_state.json").write_text('{"global_step": %d}' % step)
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (tmp_path / "checkpoint-11").mkdir()
     (tmp_path / "checkpoint-11" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")

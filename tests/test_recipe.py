@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -11,6 +12,8 @@ from hf_distill.data import load_sst2, minilm_path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
 import text_classification  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_load_sst2_reads_the_bundled_files():
@@ -118,3 +121,47 @@ def test_prompt_refine_recipe_runs_prompt_distillation(tmp_path):
     assert results["prompt_tokens_saved_per_request"] == results["teacher_prompt_tokens"] - 8 > 50
     assert results["teacher"]["agreement"] == 100.0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_causal_lm_recipe_trains_teacher_and_students(tmp_path):
+    import causal_lm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((ROOT / "data" / "tinyshakespeare" / "input.txt").read_text()[:120_000])
+    results = causal_lm.main(
+        [
+            "--corpus",
+            str(corpus),
+            "--output_dir",
+            str(tmp_path / "lm"),
+            "--vocab_size",
+            "400",
+            "--block_size",
+            "32",
+            "--teacher_layers",
+            "2",
+            "--hidden_size",
+            "32",
+            "--student_layers",
+            "1",
+            "--teacher_steps",
+            "30",
+            "--student_steps",
+            "6",
+            "--kd_losses",
+            "forward_kl,jsd",
+            "--eval_blocks",
+            "8",
+            "--per_device_train_batch_size",
+            "8",
+            "--use_cpu",
+            "true",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert results["teacher_perplexity"] < 400  # it learned something over a uniform 400-token guess
+    for name in ("no_kd", "forward_kl", "jsd"):
+        assert results[f"{name}_perplexity"] > 1 and (tmp_path / "lm" / name / "model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm" / "tokenizer")
+    assert tokenizer.decode(tokenizer("ROMEO: good night")["input_ids"]) == "ROMEO: good night"

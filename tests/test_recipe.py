@@ -165,3 +165,78 @@ def test_causal_lm_recipe_trains_teacher_and_students(tmp_path):
         assert results[f"{name}_perplexity"] > 1 and (tmp_path / "lm" / name / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm" / "tokenizer")
     assert tokenizer.decode(tokenizer("ROMEO: good night")["input_ids"]) == "ROMEO: good night"
+
+
+def test_token_classification_recipe_aligns_subwords_and_distils(tmp_path):
+    import token_classification
+
+    # Tagged data built from real SST-2 sentences: each word tagged POS/NEG/O by a tiny sentiment lexicon. The
+    # recipe is for the user's CoNLL-style data; this only has to exercise it on real words and a real tokenizer.
+    lexicon = {
+        "good": "POS",
+        "great": "POS",
+        "funny": "POS",
+        "best": "POS",
+        "bad": "NEG",
+        "dull": "NEG",
+        "worst": "NEG",
+        "boring": "NEG",
+    }
+    sentences = load_sst2(train_size=80)
+    for name, split in (("train.jsonl", "train"), ("dev.jsonl", "validation")):
+        rows = [
+            {"tokens": s.split(), "tags": [lexicon.get(w, "O") for w in s.split()]}
+            for s in sentences[split]["sentence"][:80]
+        ]
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    from transformers import BertForTokenClassification
+
+    BertForTokenClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=3,
+        )
+    ).save_pretrained(tmp_path / "backbone")
+    tokenizer.save_pretrained(tmp_path / "backbone")
+    raw, labels = token_classification.load_tagged(
+        token_classification.ScriptArguments(
+            train_file=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path / "dev.jsonl")
+        )
+    )
+    aligned = token_classification.align(tokenizer, raw, labels, 64)
+    first = aligned["train"][0]
+    words = raw["train"][0]["tokens"]
+    assert sum(label != -100 for label in first["labels"]) == min(len(words), 62)  # one label per word
+    results = token_classification.main(
+        [
+            "--train_file",
+            str(tmp_path / "train.jsonl"),
+            "--validation_file",
+            str(tmp_path / "dev.jsonl"),
+            "--teacher",
+            str(tmp_path / "backbone"),
+            "--student_layers",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "8",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert results["labels"] == ["NEG", "O", "POS"] and 0 <= results["student"]["accuracy"] <= 1
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()

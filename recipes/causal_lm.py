@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 from transformers import (
-    HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -33,6 +31,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationConfig, DistillationTrainer, create_student
+from hf_distill.arguments import parse_recipe_args
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
 
@@ -101,8 +100,7 @@ def perplexity(model: torch.nn.Module, dataset: datasets.Dataset, batch_size: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ScriptArguments, DistillationConfig))
-    script, args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    script, args = parse_recipe_args((ScriptArguments, DistillationConfig), argv)
     root = Path(args.output_dir)
     tokenizer = train_tokenizer(script.corpus, script.vocab_size, root / "tokenizer")
     data = blocks(tokenizer, script.corpus, script.block_size)

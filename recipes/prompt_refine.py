@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, HfArgumentParser
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics
+from hf_distill.arguments import parse_recipe_args
 from hf_distill.data import load_sst2
 from hf_distill.prompts import make_peft_student, prompt_refine_config
 from hf_distill.tasks import Task
@@ -61,8 +61,7 @@ class ScriptArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ScriptArguments, DistillationConfig))
-    script, args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    script, args = parse_recipe_args((ScriptArguments, DistillationConfig), argv)
     if script.teacher_prompt_preset is not None:
         if script.teacher_prompt_preset not in PRESETS:
             raise SystemExit(

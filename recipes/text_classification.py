@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +25,12 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
 )
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
+from hf_distill.arguments import parse_recipe_args
 from hf_distill.data import load_sst2, minilm_path
 from hf_distill.pipeline import finetune_teacher, tokenize_text_classification
 
@@ -86,12 +85,7 @@ def teacher_folder(script: ScriptArguments, args: DistillationConfig, data, toke
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ScriptArguments, DistillationConfig))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 1 and argv[0].endswith((".yaml", ".yml")):
-        script, args = parser.parse_yaml_file(argv[0]) if len(argv) == 1 else _yaml_with_overrides(parser, argv)
-    else:
-        script, args = parser.parse_args_into_dataclasses(argv)
+    script, args = parse_recipe_args((ScriptArguments, DistillationConfig), argv)
     started = time.time()
     source = minilm_path() if script.teacher == "minilm" else script.teacher
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -156,15 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _with(args: DistillationConfig, **changes) -> DistillationConfig:
     return dataclasses.replace(args, **changes)
-
-
-def _yaml_with_overrides(parser: HfArgumentParser, argv: list[str]):
-    import yaml
-
-    with open(argv[0]) as f:
-        values = yaml.safe_load(f)
-    flags = [item for key, value in values.items() for item in (f"--{key}", str(value))]
-    return parser.parse_args_into_dataclasses(flags + argv[1:])
 
 
 def print_summary(results: dict) -> None:

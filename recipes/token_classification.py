@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
@@ -24,12 +23,12 @@ from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
     DataCollatorForTokenClassification,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
 )
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
+from hf_distill.arguments import parse_recipe_args
 from hf_distill.data import minilm_path
 
 
@@ -75,8 +74,7 @@ def align(tokenizer, raw: datasets.DatasetDict, labels: list[str], max_length: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ScriptArguments, DistillationConfig))
-    script, args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    script, args = parse_recipe_args((ScriptArguments, DistillationConfig), argv)
     raw, labels = load_tagged(script)
     source = minilm_path() if script.teacher == "minilm" else script.teacher
     tokenizer = AutoTokenizer.from_pretrained(source)

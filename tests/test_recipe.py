@@ -240,3 +240,32 @@ def test_token_classification_recipe_aligns_subwords_and_distils(tmp_path):
     )
     assert results["labels"] == ["NEG", "O", "POS"] and 0 <= results["student"]["accuracy"] <= 1
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+def test_recipe_yaml_config_with_overrides_and_unknown_key(tmp_path):
+    from hf_distill import DistillationConfig
+    from hf_distill.arguments import parse_recipe_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher: minilm\nstudent_layers: 2\noutput_dir: x\nalpha: 0.3\nreport_to: none\n")
+    script, args = parse_recipe_args(
+        (text_classification.ScriptArguments, DistillationConfig), [str(config), "--alpha", "0.7"]
+    )
+    assert script.student_layers == 2 and args.alpha == 0.7 and args.output_dir == "x"
+    config.write_text("studnt_layers: 2\noutput_dir: x\n")
+    with pytest.raises(ValueError, match="studnt_layers"):
+        parse_recipe_args((text_classification.ScriptArguments, DistillationConfig), [str(config)])
+    import causal_lm
+    import prompt_refine
+    import token_classification
+
+    for module, name in (
+        (text_classification, "sst2_minilm"),
+        (causal_lm, "shakespeare_lm"),
+        (prompt_refine, "sst2_prompt_distillation"),
+        (token_classification, "ner_example"),
+    ):
+        parsed, _ = parse_recipe_args(
+            (module.ScriptArguments, DistillationConfig), [str(ROOT / "recipes" / "configs" / f"{name}.yaml")]
+        )
+        assert isinstance(parsed, module.ScriptArguments)

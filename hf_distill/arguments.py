@@ -1,0 +1,34 @@
+"""Parsing recipe arguments: a YAML config file, command-line flags, or a YAML file followed by flags."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+
+def parse_recipe_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """``script.py config.yaml [--flag value ...]`` or ``script.py --flag value ...``.
+
+    YAML keys become flags, so flags after the file override it and unknown keys fail with argparse's message
+    naming them, exactly as unknown flags do.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        path = Path(argv.pop(0))
+        if not path.is_file():
+            raise SystemExit(f"Config file {str(path)!r} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise SystemExit(f"{path} must hold a mapping of argument names to values.")
+        flags = []
+        for key, value in values.items():
+            if isinstance(value, (dict, list)):
+                value = yaml.safe_dump(value, default_flow_style=True).strip()
+            flags += [f"--{key}", str(value)]
+        argv = flags + argv
+    return parser.parse_args_into_dataclasses(argv)

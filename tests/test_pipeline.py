@@ -4,12 +4,10 @@ config errors, and the Hub push with only the Hub's servers stubbed."""
 import json
 
 import pytest
-import torch
 import yaml
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from conftest import save_text_model, write_sst2_slice
 
 from hf_distill.cli import main
-from hf_distill.data import find_sst2_dir, minilm_path
 from hf_distill.pipeline import STAGES, Pipeline
 from hf_distill.pipeline_config import load_pipeline_config
 
@@ -17,22 +15,8 @@ from hf_distill.pipeline_config import load_pipeline_config
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        )
-    ).save_pretrained(root / "t")
-    tokenizer.save_pretrained(root / "t")
-    sst2 = find_sst2_dir()
-    for name, count in (("train.tsv", 64), ("dev.tsv", 32)):
-        lines = (sst2 / name).read_text().splitlines()
-        (root / name).write_text("\n".join(lines[: count + 1]) + "\n")
+    save_text_model(root / "t")
+    write_sst2_slice(root)
     return root
 
 

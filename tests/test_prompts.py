@@ -8,9 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, first_token_rule, lm_dataset, tiny_bert, tiny_llama
+from conftest import ROOT, first_token_rule, lm_dataset, minilm_tokenizer, text_model, tiny_bert, tiny_llama
 from peft import PrefixTuningConfig, TaskType
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import pad_batch
@@ -106,19 +105,8 @@ def sst2_tiny(tmp_path_factory):
     """A tiny BERT with the real MiniLM tokenizer, trained for a few seconds on real SST-2 sentences."""
     from transformers import Trainer, TrainingArguments
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    )
+    tokenizer = minilm_tokenizer()
+    model = text_model(hidden=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data = load_sst2(train_size=2096)
     encode = lambda b: {**tokenizer(b["sentence"], truncation=True, max_length=32), "labels": b["label"]}  # noqa: E731
     train = data["train"].map(encode, batched=True, remove_columns=["sentence", "label"])
@@ -177,8 +165,7 @@ def test_prompt_distillation_moves_student_to_the_prompted_teacher(sst2_tiny, ou
 def test_teacher_prompt_insertion_and_causal_realignment():
     from hf_distill.trainer import TeacherPrompt
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    prompt = TeacherPrompt("be brief", tokenizer)
+    prompt = TeacherPrompt("be brief", minilm_tokenizer())
     ids = torch.tensor([[101, 7, 8, 102, 0]])
     out = prompt.prepend({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])})
     p = prompt.ids.tolist()

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from conftest import minilm_tokenizer, save_text_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_distill.data import load_sst2, minilm_path
+from hf_distill.data import load_sst2
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes"))
 import text_classification  # noqa: E402
@@ -29,18 +30,8 @@ def test_load_sst2_errors_on_missing_folder(tmp_path):
 
 
 def test_recipe_runs_teacher_student_baseline(tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-    )
     teacher_dir = tmp_path / "tiny_teacher"
-    BertForSequenceClassification(config).save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
+    save_text_model(teacher_dir)
     out = tmp_path / "run"
     results = text_classification.main(
         [
@@ -80,18 +71,8 @@ def test_recipe_runs_teacher_student_baseline(tmp_path):
 def test_prompt_refine_recipe_runs_prompt_distillation(tmp_path):
     import prompt_refine
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-    )
     for name in ("teacher", "student"):
-        BertForSequenceClassification(config).save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
+        save_text_model(tmp_path / name)
     results = prompt_refine.main(
         [
             "--teacher",
@@ -189,20 +170,10 @@ def test_token_classification_recipe_aligns_subwords_and_distils(tmp_path):
             for s in sentences[split]["sentence"][:80]
         ]
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     from transformers import BertForTokenClassification
 
-    BertForTokenClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=3,
-        )
-    ).save_pretrained(tmp_path / "backbone")
-    tokenizer.save_pretrained(tmp_path / "backbone")
+    save_text_model(tmp_path / "backbone", BertForTokenClassification, num_labels=3)
+    tokenizer = minilm_tokenizer()
     raw, labels = token_classification.load_tagged(
         token_classification.ScriptArguments(
             train_file=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path / "dev.jsonl")

@@ -11,33 +11,38 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, save_text_model, write_sst2_slice
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-from hf_distill.data import minilm_path
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scaling") / "teacher"
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertForSequenceClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            id2label={0: "negative", 1: "positive"},
-            label2id={"negative": 0, "positive": 1},
-        )
-    ).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_text_model(
+        folder,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     return folder
+
+
+# A real 2-rank launch on the CPU: `--multi_gpu` with `use_cpu` gives DistributedType.MULTI_CPU over gloo.
+ACCELERATE_2_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def _env():
@@ -94,21 +99,7 @@ def _recipe_losses(tiny_teacher, out, launcher, per_device_batch):
 
 
 def test_two_process_accelerate_matches_one_process(tiny_teacher, tmp_path):
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    two = _recipe_losses(tiny_teacher, tmp_path / "ddp", accelerate, per_device_batch=4)
+    two = _recipe_losses(tiny_teacher, tmp_path / "ddp", ACCELERATE_2_PROCESSES, per_device_batch=4)
     one = _recipe_losses(tiny_teacher, tmp_path / "single", [sys.executable], per_device_batch=8)
     assert [s[0] for s in two] == [s[0] for s in one] == [1, 2, 3, 4]
     for (_, *a), (_, *b) in zip(two, one, strict=True):
@@ -118,21 +109,7 @@ def test_two_process_accelerate_matches_one_process(tiny_teacher, tmp_path):
 
 
 def test_multi_process_launch_without_use_cpu_is_refused(tiny_teacher, tmp_path):
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    result = _run_recipe(tiny_teacher, tmp_path / "x", accelerate, 4, use_cpu=False)
+    result = _run_recipe(tiny_teacher, tmp_path / "x", ACCELERATE_2_PROCESSES, 4, use_cpu=False)
     assert result.returncode != 0 and "pass use_cpu=True" in result.stderr
 
 
@@ -159,11 +136,7 @@ def _pipeline_config(tiny_teacher, out, data_dir):
 
 
 def test_sigkill_mid_distillation_resumes_to_the_same_student(tiny_teacher, tmp_path):
-    from hf_distill.data import find_sst2_dir
-
-    for name, count in (("train.tsv", 64), ("dev.tsv", 16)):
-        lines = (find_sst2_dir() / name).read_text().splitlines()
-        (tmp_path / name).write_text("\n".join(lines[: count + 1]) + "\n")
+    write_sst2_slice(tmp_path, train=64, dev=16)
     command = [sys.executable, "-m", "hf_distill.cli", "run", "--stages", "teacher,student,distill"]
     reference = tmp_path / "uninterrupted"
     subprocess.run(

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+from hf_distill.onnx_graph import export_graph, input_names_for
 from hf_distill.onnx_validate import (
     EvalBatches,
     GateError,
     evaluate_torch,
     make_batches,
-    uses_token_types,
     validate_variant,
 )
 from hf_distill.onnx_variants import INT8_LADDER, VARIANT_FILES, build_variant
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 MANIFEST = "hf_distill_manifest.json"
 REPORT = "export_report.json"
 DEFAULT_VARIANTS = ("fp32", "fp32_optimized", "int8_dynamic")
-_TWO_GB = 2 * 1024**3
 
 
 def load_for_export(model_or_dir: PreTrainedModel | nn.Module | str | os.PathLike) -> tuple[PreTrainedModel, Any]:
@@ -115,137 +113,6 @@ _SUFFIX = {
     Task.TOKEN_CLASSIFICATION: "ForTokenClassification",
     Task.CAUSAL_LM: "ForCausalLM",
 }
-
-
-class _LogitsOnly(nn.Module):
-    """Export wrapper: named tensor inputs in, logits out (no KV cache, no dict outputs).
-
-    With a soft prompt it does what PEFT's prompt-learning forward does: prepend the prompt embeddings to the input
-    embeddings, extend the attention mask (and token types), and, for per-token outputs, drop the virtual positions.
-    The prompt is a constant of the graph (``prompt_as_input=False``) or its input ``prompt_embeds``.
-    """
-
-    def __init__(self, model: PreTrainedModel, prompt: torch.Tensor | None = None, prompt_as_input: bool = False):
-        super().__init__()
-        self.model, self.prompt_as_input = model, prompt_as_input
-        self.baked = None if prompt is None or prompt_as_input else nn.Parameter(prompt, requires_grad=False)
-        self.causal = infer_task(model) is Task.CAUSAL_LM
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"use_cache": False} if self.causal else {}
-        prompt = prompt_embeds if self.prompt_as_input else self.baked
-        if prompt is None:
-            kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            return self.model(**kwargs).logits
-        batch, virtual = input_ids.shape[0], prompt.shape[0]
-        embeds = self.model.get_input_embeddings()(input_ids)
-        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], 1)
-        kwargs["attention_mask"] = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], 1)
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], 1)
-        logits = self.model(**kwargs).logits
-        return logits[:, virtual:] if logits.dim() == 3 else logits
-
-
-def input_names_for(model: PreTrainedModel, prompt_as_input: bool = False) -> list[str]:
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(model) else [])
-    return names + (["prompt_embeds"] if prompt_as_input else [])
-
-
-def export_graph(
-    model: PreTrainedModel,
-    path: str,
-    opset: int = 18,
-    prompt: torch.Tensor | None = None,
-    prompt_as_input: bool = False,
-) -> str:
-    """Write ``model`` (optionally behind a soft prompt) as ONNX with dynamic batch and sequence axes.
-
-    Tries the dynamo exporter (torch.export) first and falls back to the TorchScript exporter when it fails; returns
-    the one that succeeded. Eager attention is used for export: its graph is what onnxruntime's fusions recognise.
-    """
-    previous = getattr(model.config, "_attn_implementation", "eager")
-    if previous != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        return _export_graph(model, path, opset, prompt, prompt_as_input)
-    finally:
-        if previous != "eager":
-            model.set_attn_implementation(previous)
-
-
-def _export_graph(
-    model: PreTrainedModel, path: str, opset: int, prompt: torch.Tensor | None, prompt_as_input: bool
-) -> str:
-    names = input_names_for(model, prompt_as_input)
-    sample = {
-        "input_ids": torch.full((2, 8), 5, dtype=torch.long),
-        "attention_mask": torch.ones(2, 8, dtype=torch.long),
-        "token_type_ids": torch.zeros(2, 8, dtype=torch.long),
-        "prompt_embeds": prompt,
-    }
-    kwargs = {n: sample[n] for n in names}
-    wrapper = _LogitsOnly(model, prompt, prompt_as_input).eval()
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) > _TWO_GB * 0.9
-    logits_axes = {0: "batch"} if infer_task(model) is Task.SEQUENCE_CLASSIFICATION else {0: "batch", 1: "sequence"}
-    token_inputs = [n for n in names if n != "prompt_embeds"]
-    try:
-        virtual = 0 if prompt is None else prompt.shape[0]
-        max_positions = int(getattr(model.config, "max_position_embeddings", None) or 8192) - virtual
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        seq = torch.export.Dim("sequence", min=1, max=max_positions)
-        shapes = {n: ({0: batch, 1: seq} if n in token_inputs else None) for n in names}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper,
-                (),
-                path,
-                kwargs=kwargs,
-                dynamo=True,
-                input_names=names,
-                output_names=["logits"],
-                dynamic_shapes=shapes,
-                opset_version=opset,
-                external_data=big,
-                optimize=True,
-                verbose=False,
-            )
-        return "dynamo"
-    except Exception as err:  # the fallback exists for whatever torch.export cannot trace
-        logger.warning(
-            "Dynamo ONNX export failed (%s: %s); falling back to the TorchScript exporter.",
-            type(err).__name__,
-            str(err).splitlines()[0][:300],
-        )
-    for leftover in Path(path).parent.glob(Path(path).name + "*"):
-        leftover.unlink()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            (),
-            path,
-            kwargs=kwargs,
-            dynamo=False,
-            input_names=names,
-            output_names=["logits"],
-            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in token_inputs}, "logits": logits_axes},
-            opset_version=min(opset, 17),
-        )
-    if big:
-        import onnx
-
-        onnx.save(onnx.load(path), path, save_as_external_data=True, location=Path(path).name + ".data")
-    return "torchscript"
 
 
 def export_onnx(

@@ -197,32 +197,17 @@ def benchmark(
     }
     reference = report["reference"]
     specs: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    if teacher is not None:
-        specs.append(
-            (
-                {"engine": "pytorch", "path": str(teacher), **common},
-                {
-                    "engine": "pytorch",
-                    "variant": "teacher_fp32",
-                    "size_mb": _size_mb(teacher),
-                    "metric": reference["metric"],
-                    "metric_value": teacher_metric,
-                },
-            )
-        )
-    if student is not None:
-        specs.append(
-            (
-                {"engine": "pytorch", "path": str(student), **common},
-                {
-                    "engine": "pytorch",
-                    "variant": "student_fp32",
-                    "size_mb": _size_mb(student),
-                    "metric": reference["metric"],
-                    "metric_value": reference["value"],
-                },
-            )
-        )
+    pytorch_models = (("teacher", teacher, teacher_metric), ("student", student, reference["value"]))
+    for name, folder, metric_value in pytorch_models:
+        if folder is not None:
+            meta = {
+                "engine": "pytorch",
+                "variant": f"{name}_fp32",
+                "size_mb": _size_mb(folder),
+                "metric": reference["metric"],
+                "metric_value": metric_value,
+            }
+            specs.append(({"engine": "pytorch", "path": str(folder), **common}, meta))
     for variant in chosen:
         row = available[variant]
         for provider in providers:

@@ -139,17 +139,30 @@ def main(argv: list[str] | None = None) -> dict:
             seed=args.seed,
             use_cpu=args.use_cpu,
             disable_tqdm=args.disable_tqdm,
+            # Held-out loss along the way shows whether the fixed budget brought the teacher to convergence.
+            eval_strategy="steps",
+            eval_steps=max(1, script.teacher_steps // 6),
+            per_device_eval_batch_size=16,
         )
         trainer = Trainer(
             model=LlamaForCausalLM(config),
             args=teacher_args,
             train_dataset=data["train"],
+            eval_dataset=held_out,
             data_collator=default_data_collator,
         )
         trainer.train()
+        curve = [
+            {"step": log["step"], "held_out_perplexity": math.exp(log["eval_loss"])}
+            for log in trainer.state.log_history
+            if "eval_loss" in log
+        ]
         trainer.save_model(str(teacher_dir))
         tokenizer.save_pretrained(teacher_dir)
+        (teacher_dir / "training_curve.json").write_text(json.dumps(curve, indent=2))
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir)
+    if (teacher_dir / "training_curve.json").is_file():
+        results["teacher_curve"] = json.loads((teacher_dir / "training_curve.json").read_text())
     results["teacher_perplexity"] = perplexity(teacher, held_out)
     runs = [("no_kd", "forward_kl", 0.0)] + [(loss, loss, 1.0) for loss in script.kd_losses.split(",") if loss]
     for name, loss, alpha in runs:

@@ -65,6 +65,21 @@ def test_jsd_by_hand_and_endpoints(pair):
     assert (distillation_loss(s, t, loss="jsd", jsd_beta=1 - 1e-4) / 1e-4).item() == pytest.approx(rev.item(), rel=1e-2)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_equals_trl_gkd_loss(beta):
+    """Our `jsd` is TRL's GKD loss (same beta convention, same masking), so benchmarks against GKDTrainer compare
+    trainers, not objectives."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :3] = -100  # a masked prompt
+    labels[2, 5:] = -100  # padding
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta)
+    ours = distillation_loss(student, teacher, loss="jsd", jsd_beta=beta, mask=labels != -100)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
 def test_skew_losses_by_hand_and_limits(pair):
     s, t = pair
     lam = 0.1

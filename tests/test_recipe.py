@@ -142,6 +142,10 @@ def test_causal_lm_recipe_trains_teacher_and_students(tmp_path):
         ]
     )
     assert results["teacher_perplexity"] < 400  # it learned something over a uniform 400-token guess
+    curve = results["teacher_curve"]  # held-out perplexity every teacher_steps // 6 steps
+    assert [point["step"] for point in curve] == [5, 10, 15, 20, 25, 30]
+    assert curve[-1]["held_out_perplexity"] == pytest.approx(results["teacher_perplexity"], rel=1e-3)
+    assert curve[-1]["held_out_perplexity"] < curve[0]["held_out_perplexity"]
     for name in ("no_kd", "forward_kl", "jsd"):
         assert results[f"{name}_perplexity"] > 1 and (tmp_path / "lm" / name / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm" / "tokenizer")

@@ -8,6 +8,10 @@ For the fine-tuned MiniLM-L6 teacher and the 3-layer student of the main job (`r
      interleaved rounds; the medians and side-by-side ratios are printed as a Markdown table and saved as JSON.
 
     python benchmarks/export_speed.py --run-dir runs/sst2_minilm --rounds 3
+    python benchmarks/export_speed.py --run-dir runs/sst2_pipeline --student runs/benchmarks/best_3_layers
+
+The last line also gives the issue's headline ratio: the int8 student against the teacher in PyTorch fp32 (both
+timed in the same interleaved rounds) and the student's int8 accuracy next to the teacher's.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--student", default=None, help="Student folder (default: RUN_DIR/student).")
     args = parser.parse_args()
     run = Path(args.run_dir)
+    folders = {"teacher": run / "teacher", "student": Path(args.student) if args.student else run / "student"}
     dev = load_sst2()["validation"]
     grid = {"batch_sizes": [1], "seq_lens": [64], "warmup": 20, "runs": args.runs, "threads": args.threads}
     results = {"machine": machine_info(args.threads), "models": {}}
-    for name in ("teacher", "student"):
-        folder = run / name
+    for name, folder in folders.items():
         if not (folder / "config.json").is_file():
             raise SystemExit(f"{folder} missing: run the main job first (see this script's docstring).")
         out = run / f"onnx_{name}"
@@ -101,6 +106,16 @@ def main() -> None:
             f"{r['speedup_int8_vs_pytorch']:.2f}x | {r['int8_vs_ort_default']:.2f} | {r['accuracy_pytorch']:.2f} | "
             f"{r['accuracy_int8']:.2f} | {r['int8_drop_points']:.2f} ({r['int8_rung']}) |"
         )
+    teacher, student = results["models"]["teacher"], results["models"]["student"]
+    results["student_int8_vs_teacher_pytorch"] = {
+        "speedup": teacher["p50_ms"]["pytorch_fp32"] / student["p50_ms"]["ours_int8"],
+        "accuracy_points_below_teacher": teacher["accuracy_pytorch"] - student["accuracy_int8"],
+    }
+    cross = results["student_int8_vs_teacher_pytorch"]
+    print(
+        f"\nint8 student ({folders['student']}) vs fp32 teacher in PyTorch: {cross['speedup']:.2f}x faster, "
+        f"{cross['accuracy_points_below_teacher']:.2f} accuracy points below it."
+    )
     (run / "export_speed.json").write_text(json.dumps(results, indent=2))
 
 

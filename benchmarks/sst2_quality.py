@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--layers", default="3,2")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--output", default="runs/benchmarks/sst2_quality.json")
+    parser.add_argument(
+        "--save_best", default=None, help="Save the most accurate student of each depth to SAVE_BEST/best_<n>_layers."
+    )
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher)
@@ -47,6 +50,7 @@ def main() -> None:
     teacher_accuracy = _accuracy(teacher, data["validation"], tokenizer)
     print(f"teacher dev accuracy {teacher_accuracy:.2f}")
     runs = []
+    best: dict[int, float] = {}
     for layers in [int(x) for x in args.layers.split(",")]:
         for mode in args.modes.split(","):
             for seed in [int(x) for x in args.seeds.split(",")]:
@@ -85,6 +89,12 @@ def main() -> None:
                     }
                 )
                 print(f"layers={layers} mode={mode} seed={seed}: {accuracy:.2f} ({runs[-1]['seconds']} s)", flush=True)
+                if args.save_best and accuracy > best.get(layers, -1.0):
+                    best[layers] = accuracy
+                    folder = Path(args.save_best) / f"best_{layers}_layers"
+                    student.save_pretrained(folder)
+                    tokenizer.save_pretrained(folder)
+                    (folder / "benchmark_run.json").write_text(json.dumps(runs[-1], indent=2))
     summary = {}
     for layers in sorted({r["layers"] for r in runs}, reverse=True):
         for mode in args.modes.split(","):

@@ -111,10 +111,11 @@ def main() -> None:
     )
     for key, value in summary.items():
         layers, mode = key.split("_", 1)
-        gain = value["mean"] - summary[f"{layers}_no_kd"]["mean"] if f"{layers}_no_kd" in summary else float("nan")
+        baseline = summary.get(f"{layers}_no_kd")
+        gain = f"{value['mean'] - baseline['mean']:+.2f}" if baseline and mode != "no_kd" else "—"
         print(
             f"| {layers} layers | {mode} | {value['mean']:.2f} ± {value['std']:.2f} | "
-            f"{100 * value['mean'] / teacher_accuracy:.1f} | {gain:+.2f} |"
+            f"{100 * value['mean'] / teacher_accuracy:.1f} | {gain} |"
         )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(

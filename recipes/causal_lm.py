@@ -5,7 +5,8 @@ Stages (each its own folder under --output_dir, reused when present):
   teacher/     a Llama-style LM (default 6 layers, 384 wide) trained from scratch for --teacher_steps
   <name>/      2-layer students cut from the teacher, trained for --student_steps: `no_kd` (labels only) and one per
                --kd_losses entry (alpha=1, pure distillation)
-  results.json held-out perplexity of every model and the fraction of the teacher's gain each student recovers
+  results.json held-out perplexity of every model, the fraction of the teacher's gain each student recovers, and
+               the teacher's held-out perplexity along its training (`teacher_curve`: did the budget converge it?)
 
     python recipes/causal_lm.py --output_dir runs/shakespeare --teacher_steps 600 --student_steps 300
     accelerate launch --multi_gpu --num_processes 2 recipes/causal_lm.py --output_dir runs/shakespeare --use_cpu true
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         trainer.save_model(str(teacher_dir))
         tokenizer.save_pretrained(teacher_dir)
-        (teacher_dir / "training_curve.json").write_text(json.dumps(curve, indent=2))
+        if trainer.is_world_process_zero():
+            (teacher_dir / "training_curve.json").write_text(json.dumps(curve, indent=2))
     teacher = LlamaForCausalLM.from_pretrained(teacher_dir)
     if (teacher_dir / "training_curve.json").is_file():
         results["teacher_curve"] = json.loads((teacher_dir / "training_curve.json").read_text())

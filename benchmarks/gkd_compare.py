@@ -49,9 +49,11 @@ def _run(engine: str, run_dir: str, steps: int, batch: int, lr: float, beta: flo
     recipe = _recipe()
     root = Path(run_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
-    block_size = json.loads((root / "results.json").read_text())["block_size"]
+    # The recipe's own record of its split, so the held-out set is the one its perplexities were measured on.
+    recorded = json.loads((root / "results.json").read_text())
+    block_size = recorded["block_size"]
     data = recipe.blocks(tokenizer, str(recipe.CORPUS), block_size)
-    held_out = data["test"].select(range(64))
+    held_out = data["test"].select(range(recorded["held_out_blocks"]))
     teacher = LlamaForCausalLM.from_pretrained(root / "teacher")
     torch.manual_seed(0)
     student = create_student(teacher, num_layers=student_layers)

@@ -21,9 +21,9 @@ import json
 import statistics
 from pathlib import Path
 
-from hf_distill.bench import machine_info, measure_in_fresh_process
 from hf_distill.data import load_sst2
-from hf_distill.onnx_export import export_onnx
+from hf_distill.export.bench import machine_info, measure_in_fresh_process
+from hf_distill.export.onnx import export_onnx
 
 
 def _time(spec: dict) -> float:

@@ -19,9 +19,8 @@ from pathlib import Path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_distill import DistillationConfig, DistillationTrainer, create_student
-from hf_distill.data import load_sst2
-from hf_distill.pipeline import tokenize_text_classification
-from hf_distill.stages import _accuracy
+from hf_distill.data import load_sst2, tokenize_text_classification
+from hf_distill.metrics import evaluate_accuracy
 
 MODES = {
     "no_kd": {"alpha": 0.0},
@@ -47,7 +46,7 @@ def main() -> None:
     data = tokenize_text_classification(
         tokenizer, load_sst2(train_size=args.train_size, seed=0), "sentence", "label", 64
     )
-    teacher_accuracy = _accuracy(teacher, data["validation"], tokenizer)
+    teacher_accuracy = evaluate_accuracy(teacher, data["validation"], tokenizer)
     print(f"teacher dev accuracy {teacher_accuracy:.2f}")
     runs = []
     best: dict[int, float] = {}
@@ -78,7 +77,7 @@ def main() -> None:
                     processing_class=tokenizer,
                     data_collator=DataCollatorWithPadding(tokenizer),
                 ).train()
-                accuracy = _accuracy(student, data["validation"], tokenizer)
+                accuracy = evaluate_accuracy(student, data["validation"], tokenizer)
                 runs.append(
                     {
                         "layers": layers,

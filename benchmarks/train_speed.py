@@ -79,8 +79,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_distill import cache_teacher_logits, create_student
-    from hf_distill.data import load_sst2
-    from hf_distill.pipeline import tokenize_text_classification
+    from hf_distill.data import load_sst2, tokenize_text_classification
 
     cache_dir = "runs/benchmarks/sst2_teacher_cache"
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)

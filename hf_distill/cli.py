@@ -5,28 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-from typing import Any
 
-from hf_distill.onnx_variants import VARIANT_FILES
-
-
-def load_table(path: str, split: str = "validation") -> Any:
-    """A datasets.Dataset from a .tsv/.csv/.json(l) file or a folder written by save_to_disk."""
-    import datasets
-
-    source = Path(path)
-    if not source.exists():
-        raise ValueError(f"Data file {path!r} does not exist.")
-    if source.is_dir():
-        loaded = datasets.load_from_disk(str(source))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if source.suffix in (".tsv", ".csv"):
-        delimiter = "\t" if source.suffix == ".tsv" else ","
-        return datasets.load_dataset("csv", data_files=str(source), delimiter=delimiter, quoting=3, split="train")
-    if source.suffix in (".json", ".jsonl"):
-        return datasets.load_dataset("json", data_files=str(source), split="train")
-    raise ValueError(f"Unsupported data file {path!r}: use .tsv, .csv, .jsonl or a save_to_disk folder.")
+from hf_distill.export.variants import VARIANT_FILES
 
 
 def _ints(text: str) -> list[int]:
@@ -108,19 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("hf_distill").setLevel(logging.INFO)
     try:
         if args.command in ("run", "distill", "push"):
-            from hf_distill.pipeline import STAGES, Pipeline
-            from hf_distill.pipeline_config import load_pipeline_config
+            from hf_distill.pipeline import Pipeline, load_pipeline_config
+            from hf_distill.pipeline.stages import COMMAND_STAGES
 
             overrides = list(args.overrides) + (["push.enabled=true"] if args.command == "push" else [])
             config = load_pipeline_config(args.config, overrides)
-            stages = {"run": STAGES, "distill": ("teacher", "student", "distill"), "push": ("report", "push")}[
-                args.command
-            ]
+            stages = COMMAND_STAGES[args.command]
             if args.command == "run" and args.stages:
                 stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
             Pipeline(config, force=args.force, command=_command_line(argv)).run(stages)
         elif args.command == "export":
-            from hf_distill.onnx_export import export_onnx
+            from hf_distill.data import load_table
+            from hf_distill.export import export_onnx
 
             data = load_table(args.data)
             calibration = load_table(args.calibration_data) if args.calibration_data else None
@@ -148,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"\nwrote {args.output_dir}")
         else:
-            from hf_distill.bench import benchmark
+            from hf_distill.export import benchmark
 
             benchmark(
                 args.export_dir,

@@ -6,6 +6,8 @@ macro-F1 are a few lines of numpy, so we compute them here instead of shipping a
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from transformers import EvalPrediction
 
@@ -32,3 +34,24 @@ def classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     keep = labels != -100
     predictions, labels = predictions[keep], labels[keep]
     return {"accuracy": accuracy(predictions, labels), "f1": macro_f1(predictions, labels)}
+
+
+def evaluate_accuracy(model: Any, dataset: Any, tokenizer: Any, batch_size: int = 64) -> float:
+    """Accuracy in % of a sequence classifier on a tokenized dataset with ``labels``, the model as it is.
+
+    A plain inference loop (no Trainer: no output folder, no logging), padding each batch with the tokenizer.
+    """
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    columns = ["input_ids", "attention_mask", "token_type_ids", "labels"]
+    rows = dataset.remove_columns([c for c in dataset.column_names if c not in columns])
+    correct = 0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return 100.0 * correct / max(len(rows), 1)

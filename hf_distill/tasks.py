@@ -47,24 +47,38 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def infer_task(model: nn.Module) -> Task:
-    """Task of a transformers model, from its class name (the Auto* registries) and, failing that, its suffix."""
-    name = type(unwrap_model(model)).__name__
+_SUFFIXES = (
+    ("ForSequenceClassification", Task.SEQUENCE_CLASSIFICATION),
+    ("ForTokenClassification", Task.TOKEN_CLASSIFICATION),
+    ("ForCausalLM", Task.CAUSAL_LM),
+    ("LMHeadModel", Task.CAUSAL_LM),
+)
+
+
+def task_from_architecture(name: str, purpose: str = "distil") -> Task:
+    """Task of a transformers class name (``BertForSequenceClassification``, ``GPT2LMHeadModel``, ...).
+
+    The Auto* registries decide first, the class-name suffix second.
+
+    Raises:
+        ValueError: the class solves none of the supported tasks.
+    """
     for task, names in _CLASS_NAMES.items():
         if name in names:
             return task
-    for suffix, task in (
-        ("ForSequenceClassification", Task.SEQUENCE_CLASSIFICATION),
-        ("ForTokenClassification", Task.TOKEN_CLASSIFICATION),
-        ("ForCausalLM", Task.CAUSAL_LM),
-        ("LMHeadModel", Task.CAUSAL_LM),
-    ):
+    for suffix, task in _SUFFIXES:
         if name.endswith(suffix):
             return task
     raise ValueError(
-        f"hf_distill cannot tell which task {name} solves. Supported: sequence classification, token "
-        "classification and causal LM models (AutoModelForSequenceClassification / TokenClassification / CausalLM)."
+        f"Cannot {purpose} {name}: hf_distill cannot tell which task it solves. Supported: sequence classification, "
+        "token classification and causal LM models (*ForSequenceClassification / *ForTokenClassification / "
+        "*ForCausalLM, loaded with the matching AutoModelFor... class)."
     )
+
+
+def infer_task(model: nn.Module) -> Task:
+    """Task of a (possibly DDP/PEFT-wrapped) transformers model, from its class name."""
+    return task_from_architecture(type(unwrap_model(model)).__name__)
 
 
 @dataclass

@@ -25,9 +25,10 @@ from hf_distill.cache import (
 from hf_distill.config import DistillationConfig
 from hf_distill.intermediate import IntermediateMatcher
 from hf_distill.losses import distillation_loss, masked_mean
+from hf_distill.preflight import validate_setup
 from hf_distill.prompts import num_virtual_tokens
-from hf_distill.tasks import AUTO_CLASSES, Task, align_logits, infer_task, unwrap_model
-from hf_distill.validation import validate_setup
+from hf_distill.tasks import Task, align_logits, infer_task
+from hf_distill.teacher import load_teacher
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
 
@@ -305,15 +306,4 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     return None
 
 
-def load_teacher(path: str, args: DistillationConfig, task: Task) -> PreTrainedModel:
-    """Load a fine-tuned teacher from a folder or Hub id (safetensors only, no remote code unless asked)."""
-    kwargs: dict[str, Any] = dict(args.teacher_model_init_kwargs or {})
-    kwargs.setdefault("use_safetensors", True)
-    if args.torch_teacher_dtype is not None:
-        kwargs.setdefault("dtype", args.torch_teacher_dtype)
-    if not os.path.isdir(path) and os.path.exists(path):
-        raise ValueError(f"Teacher path {path!r} is a file; pass the folder written by save_pretrained.")
-    return AUTO_CLASSES[task].from_pretrained(path, **kwargs)
-
-
-__all__ = ["DistillationTrainer", "load_teacher", "unwrap_model"]
+__all__ = ["DistillationTrainer", "last_complete_checkpoint"]

@@ -31,8 +31,8 @@ from transformers import (
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
 from hf_distill.arguments import parse_recipe_args
-from hf_distill.data import load_sst2, minilm_path
-from hf_distill.pipeline import finetune_teacher, tokenize_text_classification
+from hf_distill.data import load_sst2, minilm_path, tokenize_text_classification
+from hf_distill.teacher import finetune_teacher
 
 
 @dataclass

@@ -91,7 +91,7 @@ def edge_python(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "export" / "requirements.txt")],
+        [python, "-m", "pip", "install", "-q", "-r", str(ROOT / "hf_distill" / "edge_requirements.txt")],
         check=True,
         stdout=subprocess.DEVNULL,
     )

@@ -12,8 +12,8 @@ from conftest import first_token_rule, lm_dataset, minilm_tokenizer, save_text_m
 from transformers import BertConfig, BertForTokenClassification
 
 from hf_distill.data import load_sst2
-from hf_distill.onnx_export import MANIFEST, REPORT, export_onnx
-from hf_distill.onnx_validate import GateError
+from hf_distill.export.onnx import MANIFEST, REPORT, export_onnx
+from hf_distill.export.validate import GateError
 
 REPORT_FIELDS = {"file", "size_bytes", "max_abs_diff", "metric", "metric_value", "metric_drop", "passed", "exporter"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
-    import hf_distill.onnx_export as module
+    import hf_distill.export.onnx as module
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -212,7 +212,7 @@ def test_edge_runner_matches_pytorch_without_torch(text_export, edge_python):
     model, tokenizer, folder = text_export
     texts = ["a gripping , funny and moving film", "the plot is a mess and the acting is worse", "ok"]
     result = subprocess.run(
-        [edge_python, str(ROOT / "export" / "edge_runner.py"), str(folder), "--variant", "fp32", *texts],
+        [edge_python, str(ROOT / "hf_distill" / "edge.py"), str(folder), "--variant", "fp32", *texts],
         capture_output=True,
         text=True,
         check=True,
@@ -233,6 +233,6 @@ def test_edge_runner_rejects_corrupted_model(text_export, edge_python, tmp_path)
     shutil.copytree(folder, broken)
     (broken / "model_int8.onnx").write_bytes(b"not an onnx file")
     result = subprocess.run(
-        [edge_python, str(ROOT / "export" / "edge_runner.py"), str(broken), "x"], capture_output=True, text=True
+        [edge_python, str(ROOT / "hf_distill" / "edge.py"), str(broken), "x"], capture_output=True, text=True
     )
     assert result.returncode != 0 and "truncated or corrupted" in result.stderr

@@ -8,8 +8,9 @@ import yaml
 from conftest import save_text_model, write_sst2_slice
 
 from hf_distill.cli import main
-from hf_distill.pipeline import STAGES, Pipeline
-from hf_distill.pipeline_config import load_pipeline_config
+from hf_distill.pipeline import Pipeline
+from hf_distill.pipeline.config import load_pipeline_config
+from hf_distill.pipeline.stages import STAGE_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -152,4 +153,4 @@ def test_foreign_or_changed_output_dir_is_refused(assets, tmp_path, capsys):
     assert "different config (sections ['student'] differ)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unknown stage"):
         Pipeline(load_pipeline_config(changed), force=True).run(("teach",))
-    assert set(STAGES) >= {"teacher", "push"}
+    assert set(STAGE_NAMES) >= {"teacher", "push"}

@@ -14,7 +14,7 @@ from peft import PrefixTuningConfig, TaskType
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import pad_batch
 from hf_distill.data import load_sst2, minilm_path
-from hf_distill.onnx_export import export_onnx
+from hf_distill.export.onnx import export_onnx
 from hf_distill.prompts import load_prompt, make_peft_student, prompt_refine_config, save_prompt, use_prompt
 from hf_distill.tasks import Task
 
@@ -234,7 +234,7 @@ def test_prompt_tuned_export_matches_peft_model(sst2_tiny, tmp_path, edge_python
     assert ("prompt_embeds" in manifest["inputs"]) == (mode == "input")
     texts = ["a gripping , funny film", "dull and far too long"]
     result = subprocess.run(
-        [edge_python, str(ROOT / "export" / "edge_runner.py"), str(tmp_path / "onnx"), *texts],
+        [edge_python, str(ROOT / "hf_distill" / "edge.py"), str(tmp_path / "onnx"), *texts],
         capture_output=True,
         text=True,
         check=True,
@@ -249,7 +249,7 @@ def test_prompt_tuned_export_matches_peft_model(sst2_tiny, tmp_path, edge_python
         result = subprocess.run(
             [
                 edge_python,
-                str(ROOT / "export" / "edge_runner.py"),
+                str(ROOT / "hf_distill" / "edge.py"),
                 str(tmp_path / "onnx"),
                 "--prompt",
                 str(other),
@@ -263,7 +263,7 @@ def test_prompt_tuned_export_matches_peft_model(sst2_tiny, tmp_path, edge_python
         np.testing.assert_allclose(probs, _peft_probs(student, tokenizer, texts), atol=1e-5)
     long_text = "good " * 600
     result = subprocess.run(
-        [edge_python, str(ROOT / "export" / "edge_runner.py"), str(tmp_path / "onnx"), long_text],
+        [edge_python, str(ROOT / "hf_distill" / "edge.py"), str(tmp_path / "onnx"), long_text],
         capture_output=True,
         text=True,
         check=True,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from hf_distill.onnx_validate import uses_token_types
+from hf_distill.export.inputs import input_names_for, usable_positions
 from hf_distill.tasks import Task, infer_task
 
 logger = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ class _LogitsOnly(nn.Module):
         return logits[:, virtual:] if logits.dim() == 3 else logits
 
 
-def input_names_for(model: PreTrainedModel, prompt_as_input: bool = False) -> list[str]:
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(model) else [])
-    return names + (["prompt_embeds"] if prompt_as_input else [])
-
-
 def export_graph(
     model: PreTrainedModel,
     path: str,
@@ -100,7 +95,7 @@ def _export_graph(
     token_inputs = [n for n in names if n != "prompt_embeds"]
     try:
         virtual = 0 if prompt is None else prompt.shape[0]
-        max_positions = int(getattr(model.config, "max_position_embeddings", None) or 8192) - virtual
+        max_positions = usable_positions(model.config) - virtual
         batch = torch.export.Dim("batch", min=1, max=4096)
         seq = torch.export.Dim("sequence", min=1, max=max_positions)
         shapes = {n: ({0: batch, 1: seq} if n in token_inputs else None) for n in names}

@@ -21,19 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
-from hf_distill.onnx_graph import export_graph, input_names_for
-from hf_distill.onnx_validate import (
+from hf_distill.export.graph import export_graph
+from hf_distill.export.inputs import input_names_for, pad_id, usable_positions
+from hf_distill.export.validate import (
     EvalBatches,
     GateError,
     evaluate_torch,
     make_batches,
     validate_variant,
 )
-from hf_distill.onnx_variants import INT8_LADDER, VARIANT_FILES, build_variant
+from hf_distill.export.variants import INT8_LADDER, VARIANT_FILES, build_variant
+from hf_distill.loading import load_model
 from hf_distill.prompts import check_peft_combination, prompt_embeddings
-from hf_distill.tasks import AUTO_CLASSES, Task, infer_task
+from hf_distill.tasks import Task, infer_task
 
 logger = logging.getLogger(__name__)
 MANIFEST = "hf_distill_manifest.json"
@@ -44,28 +46,8 @@ DEFAULT_VARIANTS = ("fp32", "fp32_optimized", "int8_dynamic")
 def load_for_export(model_or_dir: PreTrainedModel | nn.Module | str | os.PathLike) -> tuple[PreTrainedModel, Any]:
     """The model (PEFT LoRA merged) and, for a folder, its tokenizer. Prompt-learning PEFT models stay wrapped."""
     tokenizer = None
-    if isinstance(model_or_dir, (str, os.PathLike)) and (Path(model_or_dir) / "adapter_config.json").is_file():
-        model, tokenizer = _load_adapter_folder(Path(model_or_dir))
-    elif isinstance(model_or_dir, (str, os.PathLike)):
-        folder = Path(model_or_dir)
-        if not (folder / "config.json").is_file():
-            raise ValueError(
-                f"No saved model in {str(folder)!r} (config.json missing). Pass the folder written by "
-                "trainer.save_model() / save_pretrained(), or the model object itself."
-            )
-        config = AutoConfig.from_pretrained(folder)
-        architecture = (config.architectures or ["?"])[0]
-        task = next((t for t in Task if architecture.endswith(_SUFFIX[t])), None)
-        if task is None:
-            raise ValueError(
-                f"Cannot export {architecture}: supported are *ForSequenceClassification, "
-                "*ForTokenClassification and *ForCausalLM models."
-            )
-        model = AUTO_CLASSES[task].from_pretrained(folder, use_safetensors=True)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        model, tokenizer = load_model(model_or_dir, purpose="export")
     else:
         model = model_or_dir
     config = getattr(model, "active_peft_config", None)
@@ -82,37 +64,6 @@ def load_for_export(model_or_dir: PreTrainedModel | nn.Module | str | os.PathLik
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"export_onnx needs a transformers PreTrainedModel or its folder, got {type(model).__name__}.")
     return model.eval(), tokenizer
-
-
-def _load_adapter_folder(folder: Path) -> tuple[nn.Module, Any]:
-    from peft import (
-        AutoPeftModelForCausalLM,
-        AutoPeftModelForSequenceClassification,
-        AutoPeftModelForTokenClassification,
-        PeftConfig,
-    )
-
-    task_type = str(PeftConfig.from_pretrained(folder).task_type)
-    loaders = {
-        "SEQ_CLS": AutoPeftModelForSequenceClassification,
-        "TOKEN_CLS": AutoPeftModelForTokenClassification,
-        "CAUSAL_LM": AutoPeftModelForCausalLM,
-    }
-    if task_type not in loaders:
-        raise ValueError(f"Cannot export a PEFT adapter of task type {task_type}; supported: {sorted(loaders)}.")
-    model = loaders[task_type].from_pretrained(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
-
-
-_SUFFIX = {
-    Task.SEQUENCE_CLASSIFICATION: "ForSequenceClassification",
-    Task.TOKEN_CLASSIFICATION: "ForTokenClassification",
-    Task.CAUSAL_LM: "ForCausalLM",
-}
 
 
 def export_onnx(
@@ -210,11 +161,10 @@ class ExportPlan:
     def create(cls, loaded: nn.Module, tokenizer: Any, prompt_mode: str, max_length: int) -> ExportPlan:
         task = infer_task(loaded)
         if getattr(loaded, "active_peft_config", None) is None:
-            positions = getattr(loaded.config, "max_position_embeddings", None) or max_length
-            return cls(loaded, loaded, tokenizer, task, min(max_length, positions))
+            return cls(loaded, loaded, tokenizer, task, min(max_length, usable_positions(loaded.config, max_length)))
         prompt = prompt_embeddings(loaded).float().cpu()
         base = loaded.base_model
-        budget = (getattr(base.config, "max_position_embeddings", None) or 10**9) - prompt.shape[0]
+        budget = usable_positions(base.config, 10**9) - prompt.shape[0]
         if budget < 1:
             raise ValueError(f"The prompt's {prompt.shape[0]} virtual tokens leave no room for input positions.")
         return cls(
@@ -303,7 +253,7 @@ def _export_into(
         "max_length": int(plan.max_length),
         "prompt": prompt_info,
         "id2label": {str(k): v for k, v in id2label.items()} if plan.task is not Task.CAUSAL_LM else {},
-        "pad_token_id": _pad_id(plan.tokenizer, plan.model),
+        "pad_token_id": pad_id(plan.tokenizer, plan.model.config),
         "eos_token_id": getattr(plan.model.config, "eos_token_id", None),
         "tokenizer": "tokenizer.json" if (folder / "tokenizer.json").is_file() else None,
         "exporter": exporter,
@@ -319,10 +269,3 @@ def _default_variant(rows: list[dict[str, Any]]) -> str | None:
         if any(r["variant"] == preferred and r["passed"] for r in rows):
             return preferred
     return None
-
-
-def _pad_id(tokenizer: Any, model: PreTrainedModel) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.config, "pad_token_id", None)
-    return int(pad) if pad is not None else 0

@@ -15,9 +15,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from hf_distill.export.inputs import usable_positions
 
 logger = logging.getLogger(__name__)
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "neon", "asimd")
@@ -73,14 +76,13 @@ def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
     if spec["engine"] == "pytorch":
         import torch
 
-        from hf_distill.onnx_export import load_for_export
+        from hf_distill.export.inputs import input_names_for
+        from hf_distill.export.onnx import load_for_export
 
         if spec["threads"]:
             torch.set_num_threads(spec["threads"])
         model, _ = load_for_export(spec["path"])
-        names = ["input_ids", "attention_mask"] + (
-            ["token_type_ids"] if getattr(model.config, "type_vocab_size", 0) else []
-        )
+        names = input_names_for(model)
 
         def runner(feed: dict[str, np.ndarray]) -> Any:
             tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
@@ -179,7 +181,7 @@ def benchmark(
     if min(batch_sizes) < 1 or min(seq_lens) < 1 or runs < 1:
         raise ValueError("batch sizes, sequence lengths and runs must be >= 1.")
     config = json.loads((export_dir / "config.json").read_text())
-    max_positions = config.get("max_position_embeddings") or max(seq_lens)
+    max_positions = usable_positions(SimpleNamespace(**config), default=max(seq_lens))
     if max(seq_lens) > max_positions:
         raise ValueError(f"Sequence length {max(seq_lens)} exceeds the model's {max_positions} positions.")
     import onnxruntime as ort

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_distill.export.inputs import input_names_for, pad_id
 from hf_distill.tasks import IGNORE_INDEX, Task
 
 
@@ -91,9 +92,8 @@ def make_batches(
     if task is Task.TOKEN_CLASSIFICATION and not pretokenized:
         raise ValueError("Token classification validation data must be tokenized with word-aligned 'labels'.")
     rows = data.select(range(min(limit, len(data))))
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (getattr(model.config, "pad_token_id", None) or 0)
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(model) else [])
+    pad = pad_id(tokenizer, model.config)
+    names = input_names_for(model)
     batches = EvalBatches()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -118,15 +118,6 @@ def make_batches(
     if not batches.inputs:
         raise ValueError("Validation data is empty.")
     return batches
-
-
-def uses_token_types(model: Any) -> bool:
-    import inspect
-
-    return (
-        bool(getattr(model.config, "type_vocab_size", 0))
-        and "token_type_ids" in inspect.signature(model.forward).parameters
-    )
 
 
 def task_metric(task: Task, logits: list[np.ndarray], labels: list[np.ndarray]) -> tuple[str, float]:

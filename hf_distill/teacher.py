@@ -9,18 +9,28 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from hf_distill.config import DistillationConfig
+from hf_distill.gguf import convert_gguf, is_gguf
 from hf_distill.loading import load_model
 from hf_distill.tasks import Task
 
+GGUF_CACHE = "gguf_teacher"  # under the run's output_dir: where a .gguf teacher's safetensors copy is kept
+
 
 def load_teacher(path: str, args: DistillationConfig, task: Task) -> PreTrainedModel:
-    """Load a fine-tuned teacher from a folder or Hub id with the student's Auto class.
+    """Load a fine-tuned teacher from a folder, a Hub id or a ``.gguf`` file, with the student's Auto class.
 
     safetensors only; no remote code unless ``teacher_model_init_kwargs`` asks for it; ``teacher_dtype`` applied.
+    A ``.gguf`` file (causal LMs) is converted once to a safetensors folder under ``output_dir/gguf_teacher``
+    (:func:`hf_distill.gguf.convert_gguf`).
 
     Raises:
-        ValueError: ``path`` is a file or a folder without a saved model.
+        ValueError: ``path`` is a file that is not GGUF, a folder without a saved model, or a GGUF teacher for a
+            student that is not a causal LM.
     """
+    if is_gguf(path):
+        if task is not Task.CAUSAL_LM:
+            raise ValueError(f"A GGUF teacher is a causal LM; the student solves {task.value}.")
+        path = str(convert_gguf(path, Path(args.output_dir) / GGUF_CACHE))
     kwargs: dict[str, Any] = dict(args.teacher_model_init_kwargs or {})
     if args.torch_teacher_dtype is not None:
         kwargs.setdefault("dtype", args.torch_teacher_dtype)

@@ -1,0 +1,68 @@
+"""Chat data: labels on assistant tokens only, multi-turn conversations, truncation counted; real tokenizer."""
+
+import copy
+
+import datasets
+import pytest
+from conftest import minilm_tokenizer
+
+from hf_distill.chat import tokenize_chat
+
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+@pytest.fixture
+def tokenizer():
+    tok = copy.deepcopy(minilm_tokenizer())
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def _labelled_text(tokenizer, row):
+    return tokenizer.decode([t for t in row["labels"] if t != -100])
+
+
+def test_prompt_response_rows_label_the_response_only(tokenizer):
+    data = datasets.Dataset.from_dict({"prompt": ["what is the capital of france?"], "response": ["paris is."]})
+    out = tokenize_chat(data, tokenizer, system_prompt="be brief")
+    row = out.dataset[0]
+    assert _labelled_text(tokenizer, row) == "paris is. < / s >"  # the answer and its end-of-turn marker
+    text = tokenizer.decode(row["input_ids"])
+    assert text.startswith("< system > be brief") and "< user > what is the capital of france?" in text
+    assert len(row["input_ids"]) == len(row["labels"]) == sum(row["attention_mask"])
+    assert (out.num_truncated, out.num_dropped) == (0, 0)
+
+
+def test_multi_turn_messages_label_every_assistant_turn(tokenizer):
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "good night"},
+    ]
+    row = tokenize_chat(datasets.Dataset.from_dict({"messages": [messages]}), tokenizer).dataset[0]
+    labelled = _labelled_text(tokenizer, row)
+    assert labelled == "hello there < / s > good night < / s >"
+    assert "hi" not in labelled.split() and "bye" not in labelled.split()
+
+
+def test_truncation_is_counted_and_empty_rows_dropped(tokenizer, caplog):
+    data = datasets.Dataset.from_dict(
+        {"prompt": ["short", "a " * 40], "response": ["one two three four five six seven eight", "never seen"]}
+    )
+    out = tokenize_chat(data, tokenizer, max_length=12)
+    assert (out.num_truncated, out.num_dropped, len(out.dataset)) == (2, 1, 1)
+    assert len(out.dataset[0]["input_ids"]) == 12 and out.dataset[0]["labels"][-1] != -100
+    assert "were cut" in caplog.text
+
+
+def test_chat_errors(tokenizer):
+    with pytest.raises(ValueError, match="need 'messages' or 'prompt' and 'response'"):
+        tokenize_chat(datasets.Dataset.from_dict({"text": ["x"]}), tokenizer)
+    plain = copy.deepcopy(minilm_tokenizer())
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenize_chat(datasets.Dataset.from_dict({"prompt": ["x"], "response": ["y"]}), plain)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 from hf_distill.export.variants import VARIANT_FILES
 
@@ -78,7 +80,61 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=30)
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--output-dir", default=None, help="Where bench.json/md/png go (default: the export folder).")
+    _add_generate(sub)
     return parser
+
+
+def _add_generate(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="Sequence-level KD data: the teacher answers every prompt of a dataset.")
+    gen.add_argument("teacher", help="Teacher folder, Hub id or .gguf file (a causal LM with a chat template).")
+    gen.add_argument("data", help="Prompts: .jsonl/.csv/.tsv or save_to_disk folder (prompt column or messages).")
+    gen.add_argument("output_dir", help="New folder for the generated dataset (save_to_disk).")
+    gen.add_argument("--prompt-column", default="prompt")
+    gen.add_argument("--system-prompt", default=None)
+    gen.add_argument("--limit", type=int, default=None, help="Answer only the first N prompts.")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--do-sample", action="store_true", help="Sample (default: greedy decoding).")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from hf_distill.data import load_table
+    from hf_distill.generation import generate_responses
+    from hf_distill.gguf import convert_gguf, is_gguf
+    from hf_distill.loading import load_model
+    from hf_distill.tasks import Task
+
+    if Path(args.output_dir).exists():
+        raise ValueError(f"{args.output_dir!r} exists; choose a new folder (nothing was generated).")
+    prompts = load_table(args.data)
+    if args.limit is not None:
+        prompts = prompts.select(range(min(args.limit, len(prompts))))
+    source = args.teacher
+    if is_gguf(source):
+        source = convert_gguf(source, Path(args.output_dir).resolve().parent / "gguf_teacher")
+    teacher, tokenizer = load_model(source, Task.CAUSAL_LM)
+    if tokenizer is None:
+        raise ValueError(f"{args.teacher!r} holds no tokenizer; the prompts are rendered with its chat template.")
+    generated = generate_responses(
+        teacher,
+        tokenizer,
+        prompts,
+        prompt_column=args.prompt_column,
+        system_prompt=args.system_prompt,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        save_path=args.output_dir,
+    )
+    print(f"wrote {len(generated)} teacher responses to {args.output_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {r['size_bytes'] / 1e6:.1f} | {'pass' if r['passed'] else 'FAIL'} |"
                 )
             print(f"\nwrote {args.output_dir}")
+        elif args.command == "generate":
+            _generate(args)
         else:
             from hf_distill.export import benchmark
 

@@ -9,6 +9,7 @@ load it directly, which is both faster (no dequantisation) and what the rest of 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -73,7 +74,11 @@ def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         # A GGUF-loaded model refuses save_pretrained; a fresh model of its config takes its weights and saves.
-        fresh = type(model)(model.config)
+        # The weights are dequantised fp32 now: the config must not claim a GGUF quantization any more.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = type(model)(config)
         fresh.load_state_dict(model.state_dict())
         fresh.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

@@ -25,6 +25,8 @@ def test_conversion_round_trip_and_reuse(gguf_file, tmp_path, caplog):
     assert (folder / "model.safetensors").is_file() and (folder / SOURCE_RECORD).is_file()
     assert any("Converted GGUF teacher" in r.getMessage() for r in caplog.records)
     loaded = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    assert getattr(loaded.config, "quantization_config", None) is None  # plain fp32 weights now
+    loaded.float()  # a model still marked as quantized refuses this
     ids = torch.tensor([[5, 9, 77, 100, 3]])
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, original(ids).logits, atol=1e-5)

@@ -1,0 +1,136 @@
+"""Run an hf_distill decoder-LM export (KV cache, onnxruntime-genai) on a device: streams tokens, no torch.
+
+    python edge_genai.py MODEL_DIR "What is the capital of France?"          # one answer, streamed
+    python edge_genai.py MODEL_DIR --chat                                    # interactive chat (stdin)
+    python edge_genai.py MODEL_DIR "Tell a story" --do-sample --temperature 0.8 --top-p 0.9 --max-new-tokens 64
+
+MODEL_DIR is the folder written by `hf-distill export` for a decoder LM (hf_distill_manifest.json of format
+hf_distill-genai/1 and one onnxruntime-genai folder per variant). Needs only onnxruntime-genai and numpy.
+Also reachable as `hf-distill-edge MODEL_DIR --chat` where hf_distill is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "hf_distill_manifest.json"
+GENAI_FORMAT = "hf_distill-genai/1"
+
+
+def is_genai_export(folder: str | Path) -> bool:
+    path = Path(folder) / MANIFEST
+    return path.is_file() and json.loads(path.read_text()).get("format") == GENAI_FORMAT
+
+
+class EdgeLM:
+    """An exported decoder LM with its KV cache, loaded with onnxruntime-genai."""
+
+    def __init__(self, folder: str | Path, variant: str | None = None) -> None:
+        import onnxruntime_genai as og
+
+        self.og, self.folder = og, Path(folder)
+        manifest_path = self.folder / MANIFEST
+        if not manifest_path.is_file():
+            raise SystemExit(f"error: {manifest_path} not found; pass a folder written by `hf-distill export`.")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != GENAI_FORMAT:
+            raise SystemExit(
+                f"error: {self.folder} is a {manifest.get('task')} export without a KV cache; chat and streaming "
+                "need a decoder-LM export made with onnxruntime-genai (hf-distill export of a causal LM)."
+            )
+        variants = manifest["variants"]
+        self.variant = variant or manifest.get("default_variant")
+        if self.variant not in variants:
+            raise SystemExit(f"error: variant {self.variant!r} is not in this export; available: {sorted(variants)}.")
+        try:
+            self.model = og.Model(str(self.folder / variants[self.variant]))
+        except Exception as err:  # onnxruntime-genai raises its own error types for a damaged folder
+            raise SystemExit(
+                f"error: cannot load {self.folder / variants[self.variant]} ({type(err).__name__}: {err}); the "
+                "files are missing or corrupted. Copy the export folder again or re-run `hf-distill export`."
+            ) from err
+        self.tokenizer = og.Tokenizer(self.model)
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> np.ndarray:
+        """The chat template applied to ``messages``, with the assistant's generation prompt, as token ids."""
+        text = self.tokenizer.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+        return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+    ) -> Iterator[str]:
+        """Yield the answer's text piece by piece as tokens are generated (greedy unless ``do_sample``)."""
+        ids = self.prompt_tokens(messages)
+        params = self.og.GeneratorParams(self.model)
+        options = {"max_length": int(len(ids) + max_new_tokens), "do_sample": do_sample}
+        if do_sample:
+            options.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids[None, :])
+        decoder = self.tokenizer.create_stream()
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield decoder.decode(int(generator.get_next_tokens()[0]))
+
+
+def _answer(model: EdgeLM, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
+    pieces = []
+    for piece in model.stream(
+        messages,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+    ):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir")
+    parser.add_argument("prompt", nargs="?", default=None, help="One user message (omit with --chat).")
+    parser.add_argument("--chat", action="store_true", help="Interactive chat: one user message per stdin line.")
+    parser.add_argument("--system", default=None, help="System prompt.")
+    parser.add_argument("--variant", default=None, help="Variant to run (default: the manifest's default_variant).")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--do-sample", action="store_true", help="Sample (default: greedy).")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or (args.do_sample and args.temperature <= 0):
+        raise SystemExit("error: --max-new-tokens must be >= 1 and --temperature > 0 when sampling.")
+    if args.prompt is None and not args.chat:
+        raise SystemExit("error: give a prompt, or --chat for an interactive session.")
+    model = EdgeLM(args.model_dir, args.variant)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if not args.chat:
+        _answer(model, [*history, {"role": "user", "content": args.prompt}], args)
+        return
+    for line in sys.stdin:
+        if line.strip() in ("", "/exit"):
+            break
+        history.append({"role": "user", "content": line.strip()})
+        history.append({"role": "assistant", "content": _answer(model, history, args)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Decoder-LM export with a KV cache: onnxruntime-genai's model builder, behind a perplexity and greedy gate.
+
+The builder (``python -m onnxruntime_genai.models.builder``) is a well-kept library that already writes fused
+attention (GroupQueryAttention), rotary embeddings, a KV cache and int4/int8 MatMulNBits weights for the
+architectures it knows; we call its command line (its stable interface) in a subprocess, one variant per folder,
+and validate every variant on the user's held-out text against PyTorch fp32 before it may ship:
+
+- perplexity, teacher-forced through the exported model (prefill path): at most ``max_ppl_increase`` percent above
+  PyTorch's;
+- greedy agreement: the first ``num_greedy_tokens`` tokens the exported model generates (decode path, KV cache)
+  on ``num_prompts`` prompts, compared with PyTorch's greedy tokens: the mean fraction of the common prefix must
+  reach ``min_greedy_agreement``.
+
+An ``int4`` variant that fails climbs :data:`INT4_LADDER` (smaller blocks, fp32 activations, int8 ``lm_head``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Architectures the model builder supports (onnxruntime-genai 0.18), by transformers class name.
+GENAI_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "PhiForCausalLM",
+    "Phi3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "GraniteForCausalLM",
+    "OlmoForCausalLM",
+    "SmolLM3ForCausalLM",
+    "NemotronForCausalLM",
+    "ChatGLMForConditionalGeneration",
+}
+GENAI_VARIANTS = ("fp32", "int8", "int4")
+GENAI_CONFIG = "genai_config.json"
+# Tried in order for int4 until one passes the gate.
+INT4_LADDER: tuple[dict[str, str], ...] = (
+    {"block_size": "32", "accuracy_level": "4"},
+    {"block_size": "16", "accuracy_level": "4"},
+    {"block_size": "32", "accuracy_level": "1"},
+    {"block_size": "32", "accuracy_level": "4", "matmul_mixed_precision": "last_matmul:int8"},
+    {"block_size": "16", "accuracy_level": "1", "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"},
+)
+
+
+def supports_genai(architecture: str) -> bool:
+    return architecture in GENAI_ARCHITECTURES
+
+
+def build_variant(model_dir: str | os.PathLike, target: Path, variant: str, options: dict[str, str]) -> None:
+    """Run the model builder for one variant into ``target`` (created; removed again on failure).
+
+    Raises:
+        ValueError: an unknown variant, or the builder failed (its last error lines are in the message).
+    """
+    if variant not in GENAI_VARIANTS:
+        raise ValueError(f"Unknown decoder-LM variant {variant!r}; choose from {list(GENAI_VARIANTS)}.")
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(target)]
+    command += ["-p", variant, "-e", "cpu", "-c", str(target / ".cache")]
+    if options:
+        command += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    shutil.rmtree(target / ".cache", ignore_errors=True)
+    if done.returncode != 0 or not (target / GENAI_CONFIG).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+        raise ValueError(f"onnxruntime-genai's model builder failed for {variant} ({options}):\n{tail}")
+
+
+def genai_logits(folder: str | os.PathLike, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Teacher-forced logits ``[len(seq), vocab]`` of each token sequence through the exported model."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    outputs = []
+    for ids in sequences:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        outputs.append(np.asarray(generator.get_output("logits"), dtype=np.float32)[0])
+    return outputs
+
+
+def genai_greedy(folder: str | os.PathLike, prompts: Sequence[Sequence[int]], num_tokens: int) -> list[list[int]]:
+    """The first ``num_tokens`` greedy tokens the exported model generates after each prompt (stops at EOS)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    results = []
+    for ids in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + num_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        tokens: list[int] = []
+        while not generator.is_done() and len(tokens) < num_tokens:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        results.append(tokens)
+    return results
+
+
+def perplexity(logits: Sequence[np.ndarray], sequences: Sequence[Sequence[int]]) -> float:
+    """exp(mean next-token NLL) over every position of every sequence (position i predicts token i + 1)."""
+    nll, count = 0.0, 0
+    for rows, ids in zip(logits, sequences, strict=True):
+        rows = rows[:-1].astype(np.float64)
+        log_z = np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1)) + rows.max(-1)
+        targets = np.asarray(ids[1:])
+        nll += float((log_z - rows[np.arange(len(targets)), targets]).sum())
+        count += len(targets)
+    return math.exp(nll / max(count, 1))
+
+
+def prefix_agreement(candidate: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
+    """Mean over prompts of (common prefix length / reference length): 1.0 when every greedy run matches."""
+    scores = []
+    for ours, theirs in zip(candidate, reference, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+        common = min(len(ours), len(theirs)) if same is None else same
+        scores.append(1.0 if not theirs else common / len(theirs))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def gate(row: dict[str, Any], reference: dict[str, Any], max_ppl_increase: float, min_agreement: float) -> dict:
+    """Mark ``row`` (perplexity, greedy_agreement) passed or failed against the PyTorch reference, with a reason."""
+    increase = 100.0 * (row["perplexity"] / reference["perplexity"] - 1.0)
+    reasons = []
+    if not math.isfinite(row["perplexity"]):
+        reasons.append("non-finite perplexity")
+    elif increase > max_ppl_increase:
+        reasons.append(f"perplexity +{increase:.2f} % > max_ppl_increase {max_ppl_increase} %")
+    if row["greedy_agreement"] < min_agreement:
+        reasons.append(f"greedy agreement {row['greedy_agreement']:.3f} < min_greedy_agreement {min_agreement}")
+    return {**row, "ppl_increase_pct": increase, "passed": not reasons, "reason": "; ".join(reasons) or None}
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2))

@@ -1,0 +1,134 @@
+"""Decoder-LM export with a KV cache through onnxruntime-genai's builder: gate, greedy equality, edge runner."""
+
+import json
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from llm_assets import CORPUS, tiny_chat_llama, train_briefly
+
+from hf_distill.export import GateError
+from hf_distill.export.genai import genai_greedy, prefix_agreement
+from hf_distill.export.llm import MANIFEST, export_llm
+
+pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    model, tokenizer = tiny_chat_llama()
+    train_briefly(model, tokenizer, steps=30)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    data = datasets.Dataset.from_dict({"text": CORPUS * 2})
+    report = export_llm(root / "model", root / "onnx", variants=["fp32", "int4"], validation_data=data)
+    return root, model, tokenizer, data, report
+
+
+def test_fp32_export_generates_what_pytorch_generates(llm):
+    root, model, tokenizer, _, report = llm
+    manifest = json.loads((root / "onnx" / MANIFEST).read_text())
+    assert manifest["kv_cache"] and set(manifest["variants"]) == {"fp32", "int4"}
+    assert manifest["default_variant"] == "int4"
+    prompt = tokenizer("the capital of")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt) :]
+    ours = genai_greedy(root / "onnx" / "fp32", [prompt], 20)[0]
+    assert ours == expected.tolist()
+    fp32 = next(r for r in report["variants"] if r["variant"] == "fp32")
+    assert fp32["passed"] and fp32["greedy_agreement"] == 1.0
+    assert abs(fp32["perplexity"] - report["reference"]["value"]) < 1e-3 * report["reference"]["value"]
+
+
+def test_int4_is_smaller_and_gated(llm):
+    _, _, _, _, report = llm
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert rows["int4"]["passed"] and rows["int4"]["size_bytes"] < 0.6 * rows["fp32"]["size_bytes"]
+    assert rows["int4"]["ppl_increase_pct"] <= 5.0 and rows["int4"]["attempts"]
+
+
+def test_failing_gate_climbs_the_ladder_then_writes_nothing(llm, tmp_path):
+    root, _, _, data, _ = llm
+    with pytest.raises(GateError, match="int4") as caught:
+        export_llm(root / "model", tmp_path / "out", variants=["int4"], validation_data=data, max_ppl_increase=-1.0)
+    attempts = caught.value.report["variants"][0]["attempts"]
+    assert len(attempts) > 1 and not any(a["passed"] for a in attempts)
+    assert "perplexity" in caught.value.report["variants"][0]["reason"]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_caller_model_and_unsupported_architectures(llm, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, model, tokenizer, data, _ = llm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_llm(model, tmp_path / "mem", variants=["fp32"], validation_data=data, tokenizer=tokenizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="does not support GPT2LMHeadModel.*without a KV cache"):
+        export_llm(gpt2, tmp_path / "g", validation_data=data, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="Unknown decoder-LM variants"):
+        export_llm(model, tmp_path / "v", variants=["int3"], validation_data=data, tokenizer=tokenizer)
+
+
+def test_prefix_agreement():
+    assert prefix_agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.5
+    assert prefix_agreement([[1, 2]], [[1, 2, 3, 4]]) == 0.5  # stopped early: the missing half disagrees
+    assert prefix_agreement([[5], [1, 2]], [[5], [1, 2]]) == 1.0
+
+
+@pytest.fixture(scope="module")
+def genai_python(tmp_path_factory):
+    """A device: onnxruntime-genai and numpy only, no torch, no transformers."""
+    venv = tmp_path_factory.mktemp("genai") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "onnxruntime-genai", "numpy"], check=True)
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    return python
+
+
+def test_edge_runner_streams_the_greedy_answer_without_torch(llm, genai_python):
+    from conftest import ROOT
+
+    root, model, tokenizer, _, _ = llm
+    runner = str(ROOT / "hf_distill" / "edge_genai.py")
+    ran = subprocess.run(
+        [genai_python, runner, str(root / "onnx"), "hello", "--variant", "fp32", "--max-new-tokens", "12"],
+        capture_output=True,
+        text=True,
+    )
+    assert ran.returncode == 0, ran.stderr
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
+    assert ran.stdout.strip() == tokenizer.decode(out, skip_special_tokens=True).strip()
+    chat = subprocess.run(
+        [genai_python, runner, str(root / "onnx"), "--chat", "--max-new-tokens", "4", "--do-sample"],
+        input="hello\nthe capital of\n",
+        capture_output=True,
+        text=True,
+    )
+    assert chat.returncode == 0 and len(chat.stdout.strip().splitlines()) >= 1, chat.stderr
+
+
+def test_edge_runner_errors(llm, genai_python, tmp_path):
+    from conftest import ROOT
+
+    root = llm[0]
+    runner = str(ROOT / "hf_distill" / "edge_genai.py")
+    classifier = tmp_path / "cls"
+    classifier.mkdir()
+    (classifier / MANIFEST).write_text(json.dumps({"format": "hf_distill-onnx/1", "task": "sequence-classification"}))
+    wrong = subprocess.run([genai_python, runner, str(classifier), "--chat"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "without a KV cache" in wrong.stderr
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(root / "onnx"), str(broken)], check=True)
+    (broken / "fp32" / "model.onnx").write_bytes(np.zeros(64, dtype=np.uint8).tobytes())
+    bad = subprocess.run([genai_python, runner, str(broken), "x", "--variant", "fp32"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "cannot load" in bad.stderr and "Traceback" not in bad.stderr

@@ -97,7 +97,7 @@ def _read_gguf(path: Path) -> tuple[object, object]:
     try:
         import gguf  # noqa: F401  (transformers needs it; a clear message beats its ImportError)
     except ImportError as err:
-        raise ValueError("Reading a GGUF teacher needs the gguf package: pip install gguf (or hf-distill[llm])") from err
+        raise ValueError("A GGUF teacher needs the gguf package: pip install gguf (or hf-distill[llm]).") from err
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name

@@ -132,3 +132,29 @@ def test_edge_runner_errors(llm, genai_python, tmp_path):
     (broken / "fp32" / "model.onnx").write_bytes(np.zeros(64, dtype=np.uint8).tobytes())
     bad = subprocess.run([genai_python, runner, str(broken), "x", "--variant", "fp32"], capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot load" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_benchmark_llm_rows_for_pytorch_and_every_variant(llm, tmp_path):
+    from hf_distill.export.bench_llm import benchmark_llm
+
+    root = llm[0]
+    result = benchmark_llm(
+        root / "onnx",
+        student=root / "model",
+        prompt_lens=[8, 32],
+        batch_sizes=[1, 2],
+        new_tokens=4,
+        runs=1,
+        output_dir=tmp_path,
+    )
+    assert [(r["engine"], r["variant"]) for r in result["rows"]] == [
+        ("pytorch", "student_fp32"),
+        ("onnxruntime-genai", "fp32"),
+        ("onnxruntime-genai", "int4"),
+    ]
+    for row in result["rows"]:
+        assert set(row["ttft_ms"]) == {"8", "32"} and all(v > 0 for v in row["ttft_ms"].values())
+        assert set(row["decode_tokens_per_s"]) == {"1", "2"} and row["peak_rss_mb"] > 0 and row["size_mb"] > 0
+    assert {"bench.json", "bench.md", "bench.png"} <= {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="not a decoder-LM export"):
+        benchmark_llm(tmp_path)

@@ -1,0 +1,210 @@
+"""`benchmark_llm`: time to first token, decode speed, peak memory and size of a decoder-LM export against PyTorch.
+
+Rows: PyTorch eager fp32 ``generate`` (with its KV cache) for the teacher and the student folders, and every
+onnxruntime-genai variant of the export. Each engine runs in its own spawned process so that its peak RSS is its own.
+
+- ``ttft_ms`` at each prompt length (batch 1): prefill plus the first generated token, median of ``runs``.
+- ``decode_tokens_per_s`` at each batch size: ``batch × new tokens / time``, after a 16-token prompt, the first token
+  excluded (that is prefill), exactly ``new_tokens`` generated (EOS suppressed by a minimum length).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_distill.export.genai import folder_size
+
+
+def _prompt(batch: int, length: int, vocab: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(min(100, vocab - 1), vocab, size=(batch, length), dtype=np.int64)
+
+
+class _Genai:
+    def __init__(self, folder: str) -> None:
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(folder)
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
+        """(seconds to the first token, seconds for the remaining ``new_tokens - 1``)."""
+        params = self.og.GeneratorParams(self.model)
+        total = ids.shape[1] + new_tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=ids.shape[0])
+        start = time.perf_counter()
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids.astype(np.int32))
+        generator.generate_next_token()
+        first = time.perf_counter()
+        while not generator.is_done():
+            generator.generate_next_token()
+        return first - start, time.perf_counter() - first
+
+
+class _Torch:
+    def __init__(self, folder: str) -> None:
+        import torch
+
+        from hf_distill.loading import load_model
+        from hf_distill.tasks import Task
+
+        self.torch = torch
+        self.model = load_model(folder, Task.CAUSAL_LM, with_tokenizer=False)[0].float().eval()
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
+        tensor = self.torch.from_numpy(ids)
+        mask = self.torch.ones_like(tensor)
+        kwargs = {"do_sample": False, "top_k": None, "top_p": None, "pad_token_id": 0, "attention_mask": mask}
+        with self.torch.inference_mode():
+            start = time.perf_counter()
+            self.model.generate(tensor, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            self.model.generate(tensor, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            whole = time.perf_counter() - start
+        return first, max(whole - first, 1e-9)
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: load one engine, time TTFT and decode, report its peak RSS."""
+    if spec["threads"]:
+        os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
+    engine = _Genai(spec["path"]) if spec["engine"] == "onnxruntime-genai" else _Torch(spec["path"])
+    vocab, runs = spec["vocab"], spec["runs"]
+    engine.run(_prompt(1, 16, vocab), 4)  # warm-up
+    ttft = {
+        str(n): float(np.median([engine.run(_prompt(1, n, vocab), 1)[0] for _ in range(runs)])) * 1000
+        for n in spec["prompt_lens"]
+    }
+    decode = {}
+    for batch in spec["batch_sizes"]:
+        seconds = np.median([engine.run(_prompt(batch, 16, vocab), spec["new_tokens"])[1] for _ in range(runs)])
+        decode[str(batch)] = float(batch * (spec["new_tokens"] - 1) / seconds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    return {"ttft_ms": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak}
+
+
+def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure, spec).result()
+
+
+def benchmark_llm(
+    export_dir: str | os.PathLike,
+    *,
+    student: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
+    variants: Sequence[str] | None = None,
+    prompt_lens: Sequence[int] = (128, 512),
+    batch_sizes: Sequence[int] = (1, 4),
+    new_tokens: int = 64,
+    runs: int = 3,
+    threads: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Benchmark a decoder-LM export folder (``export_llm``); writes ``bench.json``, ``bench.md``, ``bench.png``.
+
+    Raises:
+        ValueError: not a decoder-LM export, unknown variants, non-positive sizes, missing PyTorch folders.
+    """
+    from hf_distill.export.bench import machine_info
+
+    export_dir = Path(export_dir)
+    manifest_path = export_dir / "hf_distill_manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("format") != "hf_distill-genai/1":
+        raise ValueError(f"{str(export_dir)!r} is not a decoder-LM export (hf_distill-genai/1 manifest missing).")
+    chosen = list(variants or manifest["variants"])
+    missing = [v for v in chosen if v not in manifest["variants"]]
+    if missing:
+        raise ValueError(f"Variants {missing} are not in {export_dir}; available: {sorted(manifest['variants'])}.")
+    if min(prompt_lens) < 1 or min(batch_sizes) < 1 or new_tokens < 2 or runs < 1:
+        raise ValueError("prompt lengths, batch sizes and runs must be >= 1 and new_tokens >= 2.")
+    first = export_dir / manifest["variants"][chosen[0]] if chosen else None
+    vocab = json.loads((first / "genai_config.json").read_text())["model"]["vocab_size"] if first else 1000
+    common = {
+        "prompt_lens": list(prompt_lens),
+        "batch_sizes": list(batch_sizes),
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "threads": threads,
+        "vocab": vocab,
+    }
+    specs = []
+    for name, folder in (("teacher", teacher), ("student", student)):
+        if folder is not None:
+            if not (Path(folder) / "config.json").is_file():
+                raise ValueError(f"The {name} folder {str(folder)!r} holds no saved model (config.json missing).")
+            size = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+            specs.append(({"engine": "pytorch", "path": str(folder), **common}, f"{name}_fp32", size))
+    for variant in chosen:
+        folder = export_dir / manifest["variants"][variant]
+        specs.append(({"engine": "onnxruntime-genai", "path": str(folder), **common}, variant, folder_size(folder)))
+    rows = []
+    for spec, variant, size in specs:
+        print(f"[bench] {spec['engine']} {variant} ...", flush=True)
+        rows.append({"engine": spec["engine"], "variant": variant, "size_mb": size / 1e6, **_in_fresh_process(spec)})
+    result = {"machine": machine_info(threads), "rows": rows, "new_tokens": new_tokens, "runs": runs}
+    out = Path(output_dir) if output_dir is not None else export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(to_markdown(result))
+    plot(rows, out / "bench.png")
+    print(to_markdown(result))
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    m, rows = result["machine"], result["rows"]
+    lens = list(rows[0]["ttft_ms"]) if rows else []
+    batches = list(rows[0]["decode_tokens_per_s"]) if rows else []
+    header = ["engine", "variant", *[f"ttft_ms@{n}" for n in lens], *[f"tokens_per_s@b{b}" for b in batches]]
+    lines = [
+        f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs; flags: {', '.join(m['cpu_flags']) or 'none'}); "
+        f"{result['new_tokens']} new tokens, median of {result['runs']} runs.",
+        "",
+        "| " + " | ".join([*header, "peak_rss_mb", "size_mb"]) + " |",
+        "|" + "---|" * (len(header) + 2),
+    ]
+    for r in rows:
+        cells = [r["engine"], r["variant"], *[f"{r['ttft_ms'][n]:.1f}" for n in lens]]
+        cells += [f"{r['decode_tokens_per_s'][b]:.1f}" for b in batches]
+        lines.append("| " + " | ".join([*cells, f"{r['peak_rss_mb']:.0f}", f"{r['size_mb']:.1f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Decode tokens/s (batch 1) against size on disk, one labelled point per engine/variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        speed = next(iter(r["decode_tokens_per_s"].values()))
+        ax.scatter(r["size_mb"], speed, s=50)
+        ax.annotate(
+            f"{r['variant']} ({r['engine']})",
+            (r["size_mb"], speed),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.set_title("Decode speed against size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from hf_distill.atomic import atomic_folder
 from hf_distill.chat import conversation
 
 
@@ -106,16 +105,6 @@ def generate_responses(
         }
     )
     if save_path is not None:
-        _save_atomically(result, Path(save_path))
+        with atomic_folder(save_path) as staging:
+            result.save_to_disk(str(staging))
     return result
-
-
-def _save_atomically(data: datasets.Dataset, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        data.save_to_disk(str(staging))
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

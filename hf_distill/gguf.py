@@ -13,10 +13,10 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from hf_distill.atomic import atomic_folder
 
 logger = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
@@ -70,9 +70,7 @@ def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
         return target
     started = time.time()
     model, tokenizer = _read_gguf(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         # A GGUF-loaded model refuses save_pretrained; a fresh model of its config takes its weights and saves.
         # The weights are dequantised fp32 now: the config must not claim a GGUF quantization any more.
         config = copy.deepcopy(model.config)
@@ -83,12 +81,6 @@ def convert_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
         fresh.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / SOURCE_RECORD).write_text(json.dumps(record))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     logger.info("Converted GGUF teacher %s to safetensors in %s (%.0f s, fp32)", path, target, time.time() - started)
     return target
 

@@ -14,7 +14,6 @@ import copy
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hf_distill.atomic import atomic_folder
 from hf_distill.export import genai
 from hf_distill.export.validate import GateError
 from hf_distill.loading import load_model
@@ -148,9 +148,7 @@ def export_llm(
         max_length=max_length,
     )
     ref = reference(copy.deepcopy(model), probe, num_greedy_tokens)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         source = staging / ".hf_source"
         model.save_pretrained(source, safe_serialization=True)
         tokenizer.save_pretrained(source)
@@ -163,12 +161,6 @@ def export_llm(
         failed = [r["variant"] for r in rows if not r["passed"]]
         if failed and fail_on_gate:
             raise GateError(failed, report)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

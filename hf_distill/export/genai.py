@@ -47,13 +47,20 @@ GENAI_ARCHITECTURES = {
 }
 GENAI_VARIANTS = ("fp32", "int8", "int4")
 GENAI_CONFIG = "genai_config.json"
-# Tried in order for int4 until one passes the gate.
+# Tried in order for int4 until one passes the gate: round-to-nearest, then smaller blocks, fp32 activations,
+# k-quant (llama.cpp's error-minimising scales), then int8 for the most sensitive matrices (lm_head, mixed layers).
 INT4_LADDER: tuple[dict[str, str], ...] = (
     {"block_size": "32", "accuracy_level": "4"},
     {"block_size": "16", "accuracy_level": "4"},
     {"block_size": "32", "accuracy_level": "1"},
+    {"block_size": "32", "accuracy_level": "4", "algo_config": "k_quant"},
     {"block_size": "32", "accuracy_level": "4", "matmul_mixed_precision": "last_matmul:int8"},
-    {"block_size": "16", "accuracy_level": "1", "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"},
+    {
+        "block_size": "32",
+        "accuracy_level": "4",
+        "algo_config": "k_quant",
+        "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8",
+    },
 )
 
 

@@ -202,22 +202,8 @@ def _variant(
     attempts: list[dict[str, Any]] = []
     row: dict[str, Any] = {}
     for rung in ladder if variant != "fp32" else [{}]:
-        target = staging / variant
-        shutil.rmtree(target, ignore_errors=True)
-        genai.build_variant(source, target, variant, rung)
-        measured = {
-            "variant": variant,
-            "folder": variant,
-            "settings": rung,
-            "size_bytes": genai.folder_size(target),
-            "perplexity": genai.perplexity(genai.genai_logits(target, probe.sequences), probe.sequences),
-            "greedy_agreement": genai.prefix_agreement(
-                genai.genai_greedy(target, probe.prompts, len(max(ref["greedy"], key=len, default=[1]))),
-                ref["greedy"],
-            ),
-        }
-        row = genai.gate(measured, ref, max_ppl_increase, min_agreement)
-        attempts.append({k: row[k] for k in ("settings", "perplexity", "greedy_agreement", "passed")})
+        row = _attempt(source, staging / variant, variant, rung, probe, ref, max_ppl_increase, min_agreement)
+        attempts.append({k: row.get(k) for k in ("settings", "perplexity", "greedy_agreement", "passed", "reason")})
         logger.info(
             "%s %s: perplexity %.3f (ref %.3f), greedy agreement %.3f -> %s",
             variant,
@@ -230,6 +216,40 @@ def _variant(
         if row["passed"]:
             break
     return {**row, "attempts": attempts, "kv_cache": True, "exporter": "onnxruntime-genai model builder"}
+
+
+def _attempt(
+    source: Path,
+    target: Path,
+    variant: str,
+    rung: dict[str, str],
+    probe: LLMProbe,
+    ref: dict[str, Any],
+    max_ppl_increase: float,
+    min_agreement: float,
+) -> dict[str, Any]:
+    """One rung: build, measure, gate. A rung the builder or the runtime cannot handle fails with its reason."""
+    shutil.rmtree(target, ignore_errors=True)
+    row: dict[str, Any] = {"variant": variant, "folder": variant, "settings": rung}
+    try:
+        genai.build_variant(source, target, variant, rung)
+        row["size_bytes"] = genai.folder_size(target)
+        row["perplexity"] = genai.perplexity(genai.genai_logits(target, probe.sequences), probe.sequences)
+        greedy = genai.genai_greedy(target, probe.prompts, max((len(g) for g in ref["greedy"]), default=1))
+        row["greedy_agreement"] = genai.prefix_agreement(greedy, ref["greedy"])
+    except (ValueError, RuntimeError) as err:  # onnxruntime-genai reports an invalid graph as RuntimeError
+        shutil.rmtree(target, ignore_errors=True)
+        reason = f"{type(err).__name__}: {str(err).splitlines()[-1][:300]}"
+        return {
+            **row,
+            "size_bytes": 0,
+            "perplexity": float("inf"),
+            "greedy_agreement": 0.0,
+            "ppl_increase_pct": float("inf"),
+            "passed": False,
+            "reason": reason,
+        }
+    return genai.gate(row, ref, max_ppl_increase, min_agreement)
 
 
 def _write(

@@ -13,22 +13,30 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_distill.forward import input_position_logits, run_model
 from hf_distill.tasks import Task, infer_task
 
 TOPK_LOGITS = "teacher_topk_logits"
 TOPK_INDICES = "teacher_topk_indices"
 REST_MASS = "teacher_rest_mass"
 CACHE_TEMPERATURE = "teacher_temperature"
-CACHE_COLUMNS = (TOPK_LOGITS, TOPK_INDICES, REST_MASS, CACHE_TEMPERATURE)
-_PAD_KEYS = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+# The teacher's number of classes (vocabulary size for causal LM), one int per row: caches written before it existed
+# lack it and stay loadable (their indices are checked instead).
+CACHE_NUM_CLASSES = "teacher_num_classes"
+REQUIRED_CACHE_COLUMNS = (TOPK_LOGITS, TOPK_INDICES, REST_MASS, CACHE_TEMPERATURE)
+CACHE_COLUMNS = (*REQUIRED_CACHE_COLUMNS, CACHE_NUM_CLASSES)
+_PAD_KEYS = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "position_ids": 0, "labels": -100}
 
 
 def has_cached_logits(column_names: Sequence[str]) -> bool:
-    return all(column in column_names for column in CACHE_COLUMNS)
+    """True when every column a cache needs is there (the class count is optional: older caches lack it)."""
+    return all(column in column_names for column in REQUIRED_CACHE_COLUMNS)
 
 
 def pad_batch(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -50,6 +58,40 @@ def pad_batch(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _flat_column(dataset: Any, column: str) -> Any:
+    """All values of ``column`` over every row, flattened: a pyarrow array for datasets, else a list."""
+    if isinstance(dataset, datasets.Dataset):
+        values = dataset.with_format("arrow")[column]  # memory-mapped, no Python objects per value
+        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+            values = pc.list_flatten(values)
+        return values
+    flat: list[float] = []
+    for i in range(len(dataset)):
+        stack = [dataset[i][column]]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, (list, tuple)) or torch.is_tensor(item):
+                stack.extend(list(item))
+            else:
+                flat.append(float(item))
+    return flat
+
+
+def column_max(dataset: Any, column: str) -> float:
+    """Largest value of a (nested) numeric column over the whole dataset; -inf for an empty one."""
+    values = _flat_column(dataset, column)
+    if isinstance(values, list):
+        return max(values, default=float("-inf"))
+    largest = pc.max(values).as_py()
+    return float("-inf") if largest is None else float(largest)
+
+
+def column_values(dataset: Any, column: str) -> set[float]:
+    """The distinct values of a per-row scalar column (temperature, class count) over the whole dataset."""
+    values = _flat_column(dataset, column)
+    return set(values) if isinstance(values, list) else {float(v) for v in pc.unique(values).to_pylist()}
+
+
 @torch.no_grad()
 def cache_teacher_logits(
     teacher: nn.Module,
@@ -64,8 +106,14 @@ def cache_teacher_logits(
     """Run ``teacher`` over a tokenized ``dataset`` once and return it with the teacher's top-k logits as columns.
 
     ``top_k=None`` keeps every class (exact; right for classification, costly for a large vocabulary). The rest
-    mass is computed at ``temperature``, which must then equal the training temperature. ``save_path`` writes the
-    result with ``Dataset.save_to_disk`` (Arrow); load it back with ``datasets.load_from_disk``.
+    mass is computed at ``temperature``, which must then equal the training temperature. The teacher's number of
+    classes goes in the column ``teacher_num_classes``, so that training can refuse a student with another label
+    set or vocabulary. ``save_path`` writes the result with ``Dataset.save_to_disk`` (Arrow); load it back with
+    ``datasets.load_from_disk``.
+
+    The teacher sees what it would see online: only the collated inputs it accepts, position ids from the attention
+    mask for decoder-only models (left padding gives the logits of right padding) and, for decoder classifiers, the
+    score of the last attended position.
     """
     if not isinstance(dataset, datasets.Dataset):
         raise ValueError(f"cache_teacher_logits needs a datasets.Dataset, got {type(dataset).__name__}.")
@@ -82,11 +130,12 @@ def cache_teacher_logits(
     logits_rows: list[list] = []
     index_rows: list[list] = []
     rest_rows: list[Any] = []
-    model_keys = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
+    num_classes = 0
     for start in tqdm(range(0, len(dataset), batch_size), desc="Caching teacher logits", unit="batch"):
         features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        inputs = {k: v.to(device) for k, v in collate(features).items() if k in model_keys}
-        logits = teacher(**inputs).logits.float()
+        inputs = {k: v.to(device) for k, v in collate(features).items() if torch.is_tensor(v)}
+        # The same inputs, positions and pooling as the online teacher in DistillationTrainer.
+        logits = input_position_logits(teacher, run_model(teacher, inputs).logits).float()
         num_classes = logits.shape[-1]
         k = num_classes if top_k is None else top_k
         if not 1 <= k <= num_classes:
@@ -110,6 +159,7 @@ def cache_teacher_logits(
         .add_column(TOPK_INDICES, index_rows)
         .add_column(REST_MASS, rest_rows)
         .add_column(CACHE_TEMPERATURE, [float(temperature)] * len(dataset))
+        .add_column(CACHE_NUM_CLASSES, [int(num_classes)] * len(dataset))
     )
     if save_path is not None:
         cached.save_to_disk(save_path)
@@ -129,12 +179,15 @@ class CachedLogitsCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features or TOPK_LOGITS not in features[0]:
             return self.base(features)
-        cached = [{c: f.pop(c) for c in CACHE_COLUMNS} for f in features]
+        columns = [c for c in CACHE_COLUMNS if c in features[0]]
+        cached = [{c: f.pop(c) for c in columns} for f in features]
         batch = dict(self.base(features))
         logits = [torch.as_tensor(c[TOPK_LOGITS], dtype=torch.float32) for c in cached]
         indices = [torch.as_tensor(c[TOPK_INDICES], dtype=torch.long) for c in cached]
         rest = [torch.as_tensor(c[REST_MASS], dtype=torch.float32) for c in cached]
-        batch[CACHE_TEMPERATURE] = torch.tensor([c[CACHE_TEMPERATURE] for c in cached])
+        batch[CACHE_TEMPERATURE] = torch.tensor([float(c[CACHE_TEMPERATURE]) for c in cached])
+        if CACHE_NUM_CLASSES in columns:
+            batch[CACHE_NUM_CLASSES] = torch.tensor([int(c[CACHE_NUM_CLASSES]) for c in cached])
         if logits[0].dim() == 1:  # one distribution per example
             batch[TOPK_LOGITS], batch[TOPK_INDICES], batch[REST_MASS] = (
                 torch.stack(logits),
@@ -183,3 +236,44 @@ def dense_teacher_logits(
     other = (rest_mass / (num_classes - k)).clamp_min(tiny).unsqueeze(-1)
     probs = other.expand(*topk_logits.shape[:-1], num_classes).clone().scatter(-1, topk_indices, top_probs)
     return temperature * torch.log(probs.clamp_min(tiny))
+
+
+def teacher_logits_from_cache(cached: dict[str, torch.Tensor], num_classes: int, temperature: float) -> torch.Tensor:
+    """Dense teacher logits ``[..., num_classes]`` for one collated batch of cached columns, checked first.
+
+    ``num_classes`` is the student's output size and ``temperature`` the training temperature. Rows of a partial
+    cache (top-k < classes) with leftover mass must have been built at the training temperature (their rest mass
+    holds only there); the rebuilt logits then hold the teacher's distribution at ``temperature``.
+
+    Raises:
+        ValueError: the batch has no cached columns (an eval or test set that was never cached), the cache comes
+            from a teacher with another number of classes, or its rows were built at another temperature.
+    """
+    missing = [c for c in REQUIRED_CACHE_COLUMNS if c not in cached]
+    if missing:
+        raise ValueError(
+            f"teacher=None, but this batch has no cached teacher logits (missing {missing}): every dataset the "
+            "trainer evaluates or predicts with labels needs them. Run cache_teacher_logits(teacher, dataset) on it "
+            "too, or pass teacher=."
+        )
+    indices, rest = cached[TOPK_INDICES], cached[REST_MASS]
+    teacher_classes = cached.get(CACHE_NUM_CLASSES)
+    if (teacher_classes is not None and bool((teacher_classes != num_classes).any())) or (
+        indices.numel() and int(indices.max()) >= num_classes
+    ):
+        found = sorted({int(c) for c in teacher_classes.flatten()}) if teacher_classes is not None else "more"
+        raise ValueError(
+            f"The cached teacher logits come from a teacher with {found} classes but the student has {num_classes}: "
+            "the cache comes from a teacher with another label set or vocabulary. Rebuild it with the teacher "
+            "of this student."
+        )
+    partial = cached[TOPK_LOGITS].shape[-1] < num_classes
+    temperatures = cached[CACHE_TEMPERATURE].float()
+    if partial and bool((rest > 0).any()) and bool(((temperatures - temperature).abs() > 1e-6).any()):
+        raise ValueError(
+            f"This batch holds cached teacher logits built at temperature(s) {sorted(set(temperatures.tolist()))} "
+            f"with top-k < {num_classes} classes, but training uses temperature={temperature}: the leftover mass only "
+            "holds at the cache's temperature. Rebuild the cache with cache_teacher_logits(..., temperature="
+            f"{temperature})."
+        )
+    return dense_teacher_logits(cached[TOPK_LOGITS], indices, rest, num_classes, temperature)

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
 
-from hf_distill.cache import CACHE_TEMPERATURE, REST_MASS, TOPK_LOGITS, has_cached_logits
+from hf_distill.cache import (
+    CACHE_NUM_CLASSES,
+    CACHE_TEMPERATURE,
+    REST_MASS,
+    TOPK_INDICES,
+    TOPK_LOGITS,
+    column_max,
+    column_values,
+    has_cached_logits,
+)
 from hf_distill.config import DistillationConfig
 from hf_distill.prompts import check_peft_combination, num_virtual_tokens
 from hf_distill.tasks import Task, infer_task, unwrap_model
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
+logger = logging.getLogger(__name__)
 
 
 def _columns(dataset: Any) -> list[str] | None:
@@ -36,6 +47,26 @@ def _output_classes(model: nn.Module, task: Task) -> int:
     return int(base.config.num_labels)
 
 
+def check_class_counts(task: Task, student_classes: int, teacher_classes: int) -> None:
+    """The teacher (online or cached) and the student must have the same classes / vocabulary size.
+
+    Raises:
+        ValueError: the counts differ; the message says how to build a matching student.
+    """
+    if student_classes == teacher_classes:
+        return
+    if task is Task.CAUSAL_LM:
+        raise ValueError(
+            f"Teacher vocabulary size {teacher_classes} differs from the student's {student_classes}: token-level KD "
+            "needs one vocabulary. Use a student with the teacher's tokenizer (create_student does), or resize the "
+            "student's embeddings with model.resize_token_embeddings(teacher_vocab_size)."
+        )
+    raise ValueError(
+        f"Teacher has {teacher_classes} labels but the student {student_classes}: build the student with the "
+        "teacher's num_labels, id2label and label2id (create_student copies them)."
+    )
+
+
 def validate_setup(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -43,7 +74,15 @@ def validate_setup(
     task: Task,
     train_dataset: Any = None,
     processing_class: Any = None,
+    eval_dataset: Any = None,
 ) -> None:
+    """Every check that can run before training: PEFT combinations, teacher or cache against the student, labels.
+
+    ``eval_dataset`` may be one dataset or a dict of them; with ``teacher=None`` each must hold a valid cache.
+
+    Raises:
+        ValueError: the first failing check, naming the problem and the fix.
+    """
     columns = _columns(train_dataset)
     check_peft_combination(student)
     if num_virtual_tokens(student) and args.attention_loss_weight > 0:
@@ -54,7 +93,7 @@ def validate_setup(
     if args.teacher_prompt is not None:
         _validate_teacher_prompt(args, task, teacher, processing_class)
     if teacher is None:
-        _validate_cached(student, args, task, train_dataset, columns)
+        _validate_cached(student, args, task, train_dataset, eval_dataset)
     else:
         _validate_teacher(student, teacher, args, task)
     label_columns = (*LABEL_COLUMNS, *(args.label_names or []))
@@ -83,13 +122,14 @@ def _validate_teacher_prompt(args: DistillationConfig, task: Task, teacher: Any,
         )
 
 
-def _validate_cached(student: nn.Module, args: DistillationConfig, task: Task, dataset: Any, columns: Any) -> None:
-    if columns is None or not has_cached_logits(columns):
-        raise ValueError(
-            "teacher=None needs a train dataset with cached teacher logits (columns teacher_topk_logits, "
-            "teacher_topk_indices, teacher_rest_mass, teacher_temperature); found "
-            f"{columns}. Run hf_distill.cache_teacher_logits(teacher, dataset) first, or pass teacher=."
-        )
+def _validate_cached(
+    student: nn.Module, args: DistillationConfig, task: Task, train_dataset: Any, eval_dataset: Any
+) -> None:
+    named = _named_datasets(train_dataset, eval_dataset)
+    for name, dataset in (named or {"train dataset": None}).items():
+        columns = _columns(dataset)
+        if dataset is None or (columns is not None and not has_cached_logits(columns)):
+            raise ValueError(_missing_cache_message(name, columns))
     if args.hidden_loss_weight > 0 or args.attention_loss_weight > 0:
         raise ValueError(
             "Hidden-state and attention matching need the teacher's activations, which the logit cache does not "
@@ -100,23 +140,93 @@ def _validate_cached(student: nn.Module, args: DistillationConfig, task: Task, d
             "kd_loss='mse' compares raw logits; a top-k cache keeps only probabilities. Use a "
             "divergence such as 'forward_kl' with cached logits, or pass teacher=."
         )
-    first = dataset[0]
-    cached_k = len(first[TOPK_LOGITS]) if task is Task.SEQUENCE_CLASSIFICATION else len(first[TOPK_LOGITS][0])
+    for name, dataset in named.items():
+        validate_cached_dataset(student, args, task, dataset, name)
+
+
+def _missing_cache_message(name: str, columns: list[str] | None) -> str:
+    return (
+        f"teacher=None needs a {name} with cached teacher logits (columns teacher_topk_logits, teacher_topk_indices, "
+        f"teacher_rest_mass, teacher_temperature): every dataset it trains or evaluates on; found {columns}. Run "
+        "hf_distill.cache_teacher_logits(teacher, dataset) on it first, or pass teacher=."
+    )
+
+
+def _named_datasets(train_dataset: Any, eval_dataset: Any) -> dict[str, Any]:
+    """The train set and every eval set (``eval_dataset`` may be a dict of them), by the name errors use."""
+    named = {"train dataset": train_dataset}
+    if isinstance(eval_dataset, dict):
+        named |= {f"eval dataset {key!r}": value for key, value in eval_dataset.items()}
+    else:
+        named["eval dataset"] = eval_dataset
+    return {name: dataset for name, dataset in named.items() if dataset is not None}
+
+
+def validate_cached_dataset(student: nn.Module, args: DistillationConfig, task: Task, dataset: Any, name: str) -> None:
+    """Check a cached dataset against the student and the training temperature, over all rows.
+
+    The teacher's class count must equal the student's (the error of the online path); caches written without it
+    (older hf_distill) must at least have indices below the student's class count. Rows of a partial cache with
+    leftover mass must share the training temperature.
+
+    Raises:
+        ValueError: a check fails; the message names ``name`` and the fix.
+    """
+    columns = _columns(dataset)
+    if columns is not None and not has_cached_logits(columns):
+        raise ValueError(_missing_cache_message(name, columns))
+    if columns is None or not hasattr(dataset, "__len__") or not len(dataset):
+        return  # iterable or empty datasets: the per-batch checks of teacher_logits_from_cache still apply
+    first = dataset[0][TOPK_LOGITS]
+    cached_k = len(first) if task is Task.SEQUENCE_CLASSIFICATION else len(first[0])
     classes = _output_classes(student, task)
-    if cached_k > classes:
-        raise ValueError(
-            f"The cache holds {cached_k} teacher logits per position but the student has only {classes} "
-            "classes: the cache comes from a teacher with another label set or vocabulary."
+    if CACHE_NUM_CLASSES in columns:
+        counts = column_values(dataset, CACHE_NUM_CLASSES)
+        if len(counts) > 1:
+            raise ValueError(
+                f"The {name} mixes caches from teachers with {sorted(counts)} classes; rebuild it with one teacher."
+            )
+        check_class_counts(task, classes, int(counts.pop()))
+    else:
+        largest = column_max(dataset, TOPK_INDICES)
+        if cached_k > classes or largest >= classes:
+            raise ValueError(
+                f"The {name} holds teacher class indices up to {int(largest)} ({cached_k} per position) but the "
+                f"student has only {classes} classes: the cache comes from a teacher with another label set or "
+                "vocabulary. Rebuild it with this student's teacher."
+            )
+        logger.warning(
+            "The %s has no %s column (a cache written by an older hf_distill): its class indices fit the student's "
+            "%d classes, but a teacher with fewer classes cannot be ruled out. Rebuild it with cache_teacher_logits "
+            "to have the class count checked.",
+            name,
+            CACHE_NUM_CLASSES,
+            classes,
         )
-    rest = first[REST_MASS]
-    spread = max(rest) if isinstance(rest, list) else rest
-    if cached_k < classes and spread > 0 and abs(first[CACHE_TEMPERATURE] - args.temperature) > 1e-6:
+    _validate_cached_temperature(args, dataset, name, cached_k, classes)
+
+
+def _validate_cached_temperature(
+    args: DistillationConfig, dataset: Any, name: str, cached_k: int, classes: int
+) -> None:
+    if cached_k >= classes:
+        return  # a full cache holds raw logits: right at every temperature
+    temperatures = column_values(dataset, CACHE_TEMPERATURE)
+    if all(abs(t - args.temperature) <= 1e-6 for t in temperatures) or column_max(dataset, REST_MASS) <= 0:
+        return  # no leftover mass: the top-k distribution is right at every temperature
+    if len(temperatures) > 1:
         raise ValueError(
-            f"The teacher cache was built at temperature {first[CACHE_TEMPERATURE]} with top_k={cached_k} < "
-            f"{classes} classes, so its leftover mass only holds at that temperature, but training uses "
-            f"temperature={args.temperature}. Set temperature={first[CACHE_TEMPERATURE]} or rebuild the cache "
-            f"with cache_teacher_logits(..., temperature={args.temperature})."
+            f"The {name} holds top-{cached_k} teacher caches built at temperatures {sorted(temperatures)}; their "
+            "leftover mass only holds at the temperature each row was built at, and one batch trains at one. "
+            f"Rebuild the whole cache with cache_teacher_logits(..., temperature={args.temperature})."
         )
+    built = temperatures.pop()
+    raise ValueError(
+        f"The {name}'s teacher cache was built at temperature {built} with top_k={cached_k} < {classes} classes, "
+        f"so its leftover mass only holds at that temperature, but training uses temperature={args.temperature}. "
+        f"Set temperature={built} or rebuild the cache with cache_teacher_logits(..., "
+        f"temperature={args.temperature})."
+    )
 
 
 def _validate_teacher(student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task) -> None:
@@ -142,19 +252,8 @@ def _validate_teacher(student: nn.Module, teacher: nn.Module, args: Distillation
             f"The teacher solves {teacher_task.value} but the student {task.value}; load the teacher "
             f"with the student's Auto class."
         )
-    s_classes, t_classes = _output_classes(student, task), _output_classes(teacher, task)
-    if task is Task.CAUSAL_LM and s_classes != t_classes:
-        raise ValueError(
-            f"Teacher vocabulary size {t_classes} differs from the student's {s_classes}: token-level KD needs one "
-            "vocabulary. Use a student with the teacher's tokenizer (create_student does), or resize the student's "
-            "embeddings with model.resize_token_embeddings(teacher_vocab_size)."
-        )
+    check_class_counts(task, _output_classes(student, task), _output_classes(teacher, task))
     if task is not Task.CAUSAL_LM:
-        if s_classes != t_classes:
-            raise ValueError(
-                f"Teacher has {t_classes} labels but the student {s_classes}: build the student with the teacher's "
-                "num_labels, id2label and label2id (create_student copies them)."
-            )
         s_map = getattr(unwrap_model(student).config, "label2id", None)
         t_map = getattr(unwrap_model(teacher).config, "label2id", None)
         if s_map and t_map and {str(k): int(v) for k, v in s_map.items()} != {str(k): int(v) for k, v in t_map.items()}:

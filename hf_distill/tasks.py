@@ -1,4 +1,10 @@
-"""Which task a model solves, and which logit positions take part in the loss for that task."""
+"""Which task a model solves, which logit positions take part in the loss, and what the attention mask says.
+
+The attention mask is the one record of which positions hold real tokens: the last attended position (the one a
+decoder classifier scores) and each token's position id (what an absolute-position decoder such as GPT-2 must see
+for a left-padded row to equal its right-padded self) both come from it, here, for the trainer, the cache and the
+exporters alike.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
@@ -79,6 +86,50 @@ def task_from_architecture(name: str, purpose: str = "distil") -> Task:
 def infer_task(model: nn.Module) -> Task:
     """Task of a (possibly DDP/PEFT-wrapped) transformers model, from its class name."""
     return task_from_architecture(type(unwrap_model(model)).__name__)
+
+
+def is_decoder_only(model: nn.Module) -> bool:
+    """True for decoder-only transformers (GPT-2, Llama, Qwen2, Mistral, ...), whatever their head.
+
+    They attend causally and number positions from the first column of the batch, so padding on the left shifts
+    every token unless position ids come from the attention mask. Encoders that also have a causal-LM head (BERT,
+    RoBERTa, ...) are not decoder-only: RoBERTa-style models derive their own positions from the padding.
+    """
+    model_type = getattr(unwrap_model(model).config, "model_type", "")
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def pools_last_token(model: nn.Module) -> bool:
+    """True for decoder classifiers (``GPT2ForSequenceClassification``, ``LlamaForSequenceClassification``, ...).
+
+    Their ``score`` head runs on every position and one position per row is kept: the last token. transformers
+    finds it from ``input_ids`` and ``pad_token_id``, which fails for ``inputs_embeds`` (soft prompts) and for pad
+    ids that are also real tokens; :func:`last_attended_position` finds it from the attention mask.
+    """
+    base = unwrap_model(model)
+    return (
+        infer_task(base) is Task.SEQUENCE_CLASSIFICATION
+        and is_decoder_only(base)
+        and isinstance(getattr(base, "score", None), nn.Module)
+    )
+
+
+def last_attended_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index ``[batch]`` of the last position whose attention mask is 1 in each row of a ``[batch, seq]`` mask.
+
+    Right padding gives ``length - 1``, left padding ``seq - 1``; a row without any attended position gives 0.
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[batch, seq]`` counting attended positions only (``cumsum − 1``, clamped at 0).
+
+    As transformers' ``generate`` does: a left-padded row's tokens get 0, 1, 2, ... like the same row right-padded;
+    padding positions get 0 (left) or repeat the last position (right), and are masked anyway.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 @dataclass

@@ -13,19 +13,12 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hf_distill.cache import (
-    CACHE_COLUMNS,
-    CACHE_TEMPERATURE,
-    REST_MASS,
-    TOPK_INDICES,
-    TOPK_LOGITS,
-    CachedLogitsCollator,
-    dense_teacher_logits,
-)
+from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits_from_cache
 from hf_distill.config import DistillationConfig
+from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
 from hf_distill.losses import distillation_loss, masked_mean
-from hf_distill.preflight import validate_setup
+from hf_distill.preflight import validate_cached_dataset, validate_setup
 from hf_distill.prompts import num_virtual_tokens
 from hf_distill.tasks import Task, align_logits, infer_task
 from hf_distill.teacher import load_teacher
@@ -67,7 +60,15 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher, str):
             teacher = load_teacher(teacher, args, self.task)
         # Every check runs before Trainer builds optimizers, dataloaders or moves weights.
-        validate_setup(model, teacher, args, self.task, kwargs.get("train_dataset"), processing_class)
+        validate_setup(
+            model,
+            teacher,
+            args,
+            self.task,
+            kwargs.get("train_dataset"),
+            processing_class,
+            eval_dataset=kwargs.get("eval_dataset"),
+        )
         # Prompt-learning PEFT students prepend virtual positions to their outputs; they never meet a teacher token.
         self.num_virtual_tokens = num_virtual_tokens(model)
         self.teacher_prompt = TeacherPrompt(args.teacher_prompt, processing_class) if args.teacher_prompt else None
@@ -96,8 +97,55 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        # Keep the cached teacher columns when unused columns are removed.
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
+        # Keep what the teacher reads (token_type_ids for a BERT teacher of a DistilBERT student) and the cached
+        # teacher columns when unused columns are removed; run_model gives each model only its own inputs.
+        teacher_inputs = sorted(accepted_inputs(self.teacher)) if self.teacher is not None else []
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *teacher_inputs, *CACHE_COLUMNS]))
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """``Trainer.evaluate``; without a teacher, an ``eval_dataset`` passed here is checked like those at init.
+
+        Raises:
+            ValueError: ``teacher=None`` and the dataset (or one of a dict of them) holds no valid teacher cache.
+        """
+        if self.teacher is None and eval_dataset is not None and not isinstance(eval_dataset, str):
+            datasets = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+            for key, dataset in datasets.items():
+                name = "eval dataset" if key is None else f"eval dataset {key!r}"
+                validate_cached_dataset(self.model, self.args, self.task, dataset, name)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    # --- model calls: each model gets its own inputs; positions and pooling follow the attention mask ----------
+
+    def student_forward(self, model: nn.Module, inputs: dict[str, Any], **options: Any) -> tuple[Any, torch.Tensor]:
+        """The student's output and its logits on the input's positions (soft-prompt positions dropped).
+
+        Logits are ``[batch, classes]`` (sequence classification) or ``[batch, seq, classes]``.
+        """
+        outputs = run_model(model, inputs, **options)
+        return outputs, input_position_logits(model, outputs.logits)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``Trainer.prediction_step``; batches without labels (``predict`` on new data) run the student alone.
+
+        Through :meth:`student_forward`, like training: no teacher or cache columns reach the student, a decoder
+        classifier scores the last attended position, and the logits are those of the input positions.
+        """
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        if has_labels or not self.label_names:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            _, logits = self.student_forward(model, inputs)
+        return None, None if prediction_loss_only else logits.detach(), None
 
     # --- loss ------------------------------------------------------------------------------------------------
 
@@ -119,28 +167,19 @@ class DistillationTrainer(Trainer):
         if self.task is Task.CAUSAL_LM:
             extra["use_cache"] = False  # a KV cache is dead weight in a single training forward
         with self.matcher.capture_values(model, "student") if self.matcher else contextlib.nullcontext():
-            outputs = model(**inputs, **extra)
-        student_logits = outputs.logits
-        if self.num_virtual_tokens and self.task is not Task.SEQUENCE_CLASSIFICATION:
-            student_logits = student_logits[:, self.num_virtual_tokens :]
+            outputs, student_logits = self.student_forward(model, inputs, **extra)
         teacher_outputs = None
         if self.teacher is not None:
             if self.teacher.training:  # a teacher sharing a PEFT student's frozen base follows model.train()
                 self.teacher.eval()
             teacher_inputs = self.teacher_prompt.prepend(inputs) if self.teacher_prompt else inputs
             with torch.no_grad(), self.matcher.capture_values(self.teacher, "teacher"):
-                teacher_outputs = self.teacher(**teacher_inputs, **extra)
-            teacher_logits = teacher_outputs.logits
+                teacher_outputs = run_model(self.teacher, teacher_inputs, **extra)
+            teacher_logits = input_position_logits(self.teacher, teacher_outputs.logits)
             if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
                 teacher_logits = self.teacher_prompt.drop_prompt_positions(teacher_logits)
         else:
-            teacher_logits = dense_teacher_logits(
-                cached[TOPK_LOGITS],
-                cached[TOPK_INDICES],
-                cached[REST_MASS],
-                student_logits.shape[-1],
-                float(cached[CACHE_TEMPERATURE][0]),
-            )
+            teacher_logits = teacher_logits_from_cache(cached, student_logits.shape[-1], args.temperature)
 
         aligned = align_logits(self.task, student_logits, teacher_logits, labels, inputs.get("attention_mask"))
         steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
@@ -259,7 +298,9 @@ class TeacherPrompt:
             raise ValueError("teacher_prompt needs right-padded batches (the tokenizer's padding_side='right').")
         k, batch = self.insert_at, inputs["input_ids"].shape[0]
         fills = {"input_ids": self.ids.to(inputs["input_ids"].device), "attention_mask": 1, "token_type_ids": 0}
-        result = dict(inputs)
+        # The student's position ids do not fit the longer teacher input: run_model derives the teacher's from
+        # the prompted attention mask.
+        result = {key: value for key, value in inputs.items() if key != "position_ids"}
         for key, fill in fills.items():
             if key not in inputs:
                 continue

@@ -148,7 +148,8 @@ def loss_positions(
     """Boolean mask over the positions of ``logits`` (before flattening) that enter the losses.
 
     Labels decide when present (-100 marks padding, prompt or sub-word positions); otherwise the attention mask.
-    For causal LM, position i predicts token i + 1, so the mask is taken from the shifted labels.
+    For causal LM, position i predicts token i + 1, so the mask is taken from the shifted labels, and position i
+    must itself be attended: with left padding the last pad position would otherwise "predict" the first token.
     """
     if task is Task.SEQUENCE_CLASSIFICATION:
         if labels is None:
@@ -156,7 +157,8 @@ def loss_positions(
         return labels != IGNORE_INDEX if labels.dtype in (torch.long, torch.int) else None
     if task is Task.CAUSAL_LM:
         if labels is not None:
-            return labels[:, 1:] != IGNORE_INDEX
+            positions = labels[:, 1:] != IGNORE_INDEX
+            return positions if attention_mask is None else positions & attention_mask[:, :-1].bool()
         if attention_mask is not None:
             return (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
         return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)[:, 1:]

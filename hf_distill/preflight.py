@@ -145,9 +145,11 @@ def _validate_cached(
 
 
 def _missing_cache_message(name: str, columns: list[str] | None) -> str:
+    article = "an" if name[0] in "aeiou" else "a"
     return (
-        f"teacher=None needs a {name} with cached teacher logits (columns teacher_topk_logits, teacher_topk_indices, "
-        f"teacher_rest_mass, teacher_temperature): every dataset it trains or evaluates on; found {columns}. Run "
+        f"teacher=None needs {article} {name} with cached teacher logits (columns teacher_topk_logits, "
+        "teacher_topk_indices, teacher_rest_mass, teacher_temperature): every dataset it trains or evaluates on; "
+        f"found {columns}. Run "
         "hf_distill.cache_teacher_logits(teacher, dataset) on it first, or pass teacher=."
     )
 

@@ -39,10 +39,14 @@ def classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
 def evaluate_accuracy(model: Any, dataset: Any, tokenizer: Any, batch_size: int = 64) -> float:
     """Accuracy in % of a sequence classifier on a tokenized dataset with ``labels``, the model as it is.
 
-    A plain inference loop (no Trainer: no output folder, no logging), padding each batch with the tokenizer.
+    A plain inference loop (no Trainer: no output folder, no logging), padding each batch with the tokenizer. The
+    model gets its inputs as in training (:func:`hf_distill.forward.run_model`: only those it takes, positions and
+    the scored position from the attention mask, whichever side the tokenizer pads).
     """
     import torch
     from transformers import DataCollatorWithPadding
+
+    from hf_distill.forward import run_model
 
     collate = DataCollatorWithPadding(tokenizer)
     columns = ["input_ids", "attention_mask", "token_type_ids", "labels"]
@@ -53,5 +57,5 @@ def evaluate_accuracy(model: Any, dataset: Any, tokenizer: Any, batch_size: int 
         for start in range(0, len(rows), batch_size):
             batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
             labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+            correct += int((run_model(model, batch).logits.argmax(-1) == labels).sum())
     return 100.0 * correct / max(len(rows), 1)

@@ -293,3 +293,22 @@ def test_position_ids_in_the_batch_are_kept():
     with torch.no_grad():
         torch.testing.assert_close(run_model(model, batch).logits, model(**batch).logits)
         assert not torch.allclose(run_model(model, batch).logits, model(input_ids=batch["input_ids"]).logits)
+
+
+def test_accuracy_loop_scores_last_real_token_on_either_padding_side():
+    from conftest import minilm_tokenizer
+
+    from hf_distill.metrics import evaluate_accuracy
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=minilm_tokenizer().vocab_size, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    model = GPT2ForSequenceClassification(config)  # GPT-2's config has no pad_token_id
+    texts = ["a gripping , funny film", "dull", "not bad at all , really", "bad", "the best film of the year"]
+    rows = datasets.Dataset.from_dict({"text": texts, "labels": [1, 0, 1, 0, 1]})
+    with torch.no_grad():
+        alone = [int(model(**minilm_tokenizer()(t, return_tensors="pt")).logits.argmax(-1)) for t in texts]
+    expected = 100.0 * sum(p == y for p, y in zip(alone, rows["labels"], strict=True)) / len(texts)
+    for side in ("right", "left"):
+        tokenizer = minilm_tokenizer().__class__.from_pretrained(minilm_tokenizer().name_or_path, padding_side=side)
+        data = rows.map(lambda ex, tok=tokenizer: tok(ex["text"]), remove_columns=["text"])
+        assert evaluate_accuracy(model, data, tokenizer, batch_size=5) == pytest.approx(expected), side

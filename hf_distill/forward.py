@@ -94,7 +94,7 @@ def mask_driven(model: nn.Module) -> Iterator[None]:
     if not is_decoder_only(base):
         yield
         return
-    backbone = base.base_model
+    backbone = getattr(base, "base_model", base)  # PreTrainedModel: the body under the head (GPT2Model, ...)
     takes_positions = "position_ids" in _named_parameters(backbone)
     seen: dict[str, torch.Tensor | None] = {"mask": None}
 

@@ -95,7 +95,7 @@ def is_decoder_only(model: nn.Module) -> bool:
     every token unless position ids come from the attention mask. Encoders that also have a causal-LM head (BERT,
     RoBERTa, ...) are not decoder-only: RoBERTa-style models derive their own positions from the padding.
     """
-    model_type = getattr(unwrap_model(model).config, "model_type", "")
+    model_type = getattr(getattr(unwrap_model(model), "config", None), "model_type", "")
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
@@ -107,11 +107,12 @@ def pools_last_token(model: nn.Module) -> bool:
     ids that are also real tokens; :func:`last_attended_position` finds it from the attention mask.
     """
     base = unwrap_model(model)
-    return (
-        infer_task(base) is Task.SEQUENCE_CLASSIFICATION
-        and is_decoder_only(base)
-        and isinstance(getattr(base, "score", None), nn.Module)
-    )
+    if not is_decoder_only(base) or not isinstance(getattr(base, "score", None), nn.Module):
+        return False
+    try:
+        return infer_task(base) is Task.SEQUENCE_CLASSIFICATION
+    except ValueError:  # a head hf_distill does not train (e.g. GPT2DoubleHeadsModel): leave it as it is
+        return False
 
 
 def last_attended_position(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,8 @@ class DistillationTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         # Keep what the teacher reads (token_type_ids for a BERT teacher of a DistilBERT student) and the cached
         # teacher columns when unused columns are removed; run_model gives each model only its own inputs.
-        teacher_inputs = sorted(accepted_inputs(self.teacher)) if self.teacher is not None else []
+        teacher = getattr(self, "teacher", None)  # set after Trainer.__init__, which may already ask
+        teacher_inputs = sorted(accepted_inputs(teacher)) if teacher is not None else []
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *teacher_inputs, *CACHE_COLUMNS]))
 
     def evaluate(
@@ -111,8 +112,8 @@ class DistillationTrainer(Trainer):
             ValueError: ``teacher=None`` and the dataset (or one of a dict of them) holds no valid teacher cache.
         """
         if self.teacher is None and eval_dataset is not None and not isinstance(eval_dataset, str):
-            datasets = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
-            for key, dataset in datasets.items():
+            named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
+            for key, dataset in named.items():
                 name = "eval dataset" if key is None else f"eval dataset {key!r}"
                 validate_cached_dataset(self.model, self.args, self.task, dataset, name)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

@@ -177,8 +177,9 @@ def pair_models():
     teacher = BertForSequenceClassification(
         BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     )
-    with torch.no_grad():
+    with torch.no_grad():  # confident, and segment-sensitive: what a fine-tuned pair teacher is
         teacher.bert.embeddings.token_type_embeddings.weight.mul_(50)
+        teacher.classifier.weight.mul_(200)
     student = DistilBertForSequenceClassification(
         DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64, dropout=0.0)
     )

@@ -40,7 +40,7 @@ def test_fp32_export_generates_what_pytorch_generates(llm):
     ours = genai_greedy(root / "onnx" / "fp32", [prompt], 20)[0]
     assert ours == expected.tolist()
     fp32 = next(r for r in report["variants"] if r["variant"] == "fp32")
-    assert fp32["passed"] and fp32["greedy_agreement"] == 1.0
+    assert fp32["passed"] and fp32["greedy_agreement"] == 1.0 and fp32["greedy_prefix"] == 1.0
     assert abs(fp32["perplexity"] - report["reference"]["value"]) < 1e-3 * report["reference"]["value"]
 
 

@@ -111,7 +111,7 @@ def export_llm(
     num_greedy_tokens: int = 32,
     max_length: int = 256,
     max_ppl_increase: float = 5.0,
-    min_greedy_agreement: float = 0.5,
+    min_greedy_agreement: float = 0.8,
     block_size: int = 32,
     accuracy_level: int = 4,
     fail_on_gate: bool = True,
@@ -203,7 +203,8 @@ def _variant(
     row: dict[str, Any] = {}
     for rung in ladder if variant != "fp32" else [{}]:
         row = _attempt(source, staging / variant, variant, rung, probe, ref, max_ppl_increase, min_agreement)
-        attempts.append({k: row.get(k) for k in ("settings", "perplexity", "greedy_agreement", "passed", "reason")})
+        keys = ("settings", "perplexity", "greedy_agreement", "greedy_prefix", "passed", "reason")
+        attempts.append({k: row.get(k) for k in keys})
         logger.info(
             "%s %s: perplexity %.3f (ref %.3f), greedy agreement %.3f -> %s",
             variant,
@@ -236,7 +237,8 @@ def _attempt(
         row["size_bytes"] = genai.folder_size(target)
         row["perplexity"] = genai.perplexity(genai.genai_logits(target, probe.sequences), probe.sequences)
         greedy = genai.genai_greedy(target, probe.prompts, max((len(g) for g in ref["greedy"]), default=1))
-        row["greedy_agreement"] = genai.prefix_agreement(greedy, ref["greedy"])
+        row["greedy_prefix"] = genai.prefix_agreement(greedy, ref["greedy"])
+        row["greedy_agreement"] = genai.token_agreement(target, probe.prompts, ref["greedy"])
     except (ValueError, RuntimeError) as err:  # onnxruntime-genai reports an invalid graph as RuntimeError
         shutil.rmtree(target, ignore_errors=True)
         reason = f"{type(err).__name__}: {str(err).splitlines()[-1][:300]}"
@@ -245,6 +247,7 @@ def _attempt(
             "size_bytes": 0,
             "perplexity": float("inf"),
             "greedy_agreement": 0.0,
+            "greedy_prefix": 0.0,
             "ppl_increase_pct": float("inf"),
             "passed": False,
             "reason": reason,

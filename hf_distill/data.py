@@ -10,9 +10,13 @@ from typing import Any
 
 import datasets
 
+from hf_distill.labels import LabelSet
+
 # Where the demo data is looked for when no folder is given: $HF_DISTILL_DATA, then ./data (a checkout of the
 # repository, which bundles SST-2), then ../shared/data. Never relative to the installed package.
 DATA_ENV = "HF_DISTILL_DATA"
+# SST-2's classes in id order (GLUE: 0 negative, 1 positive).
+SST2_LABELS = ("negative", "positive")
 
 
 def data_roots() -> list[Path]:
@@ -77,13 +81,34 @@ def load_sst2(data_dir: str | None = None, train_size: int | None = None, seed: 
 
 
 def tokenize_text_classification(
-    tokenizer: Any, raw: datasets.DatasetDict, text_column: str, label_column: str, max_length: int
+    tokenizer: Any,
+    raw: datasets.DatasetDict,
+    text_column: str,
+    label_column: str,
+    max_length: int,
+    labels: LabelSet | None = None,
 ) -> datasets.DatasetDict:
-    """Tokenize a text-classification DatasetDict; adds ``labels`` and ``length`` (for length-grouped sampling)."""
+    """Tokenize a text-classification DatasetDict; adds ``labels`` and ``length`` (for length-grouped sampling).
+
+    ``labels`` maps the label column's values (class names or ids) to class ids (:func:`labels_from_data`); None:
+    the column already holds class ids.
+
+    Raises:
+        ValueError: a label outside ``labels``, or non-integer labels without ``labels``.
+    """
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length)
-        encoded["labels"] = batch[label_column]
+        values = batch[label_column]
+        if labels is not None:
+            encoded["labels"] = labels.encode(values)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            encoded["labels"] = values
+        else:
+            raise ValueError(
+                f"Column {label_column!r} holds class names, not ids; pass labels=labels_from_data(...) "
+                "(hf_distill.labels) to map them."
+            )
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 

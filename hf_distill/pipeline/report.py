@@ -16,6 +16,7 @@ def collect(ws: Workspace, config: PipelineConfig, command: str) -> dict[str, An
     export, bench = ws.info("export"), ws.info("bench")
     result: dict[str, Any] = {
         "command": command,
+        "labels": teacher.get("labels"),
         "teacher": {
             "source": config.teacher.model,
             "path": teacher.get("path"),
@@ -72,6 +73,8 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if r["baseline_accuracy"] is not None:
         lines.append(f"| student, labels only (no KD) | {_num(r['baseline_accuracy'])} | same | same |")
+    if r.get("labels"):
+        lines += ["", "Classes (id: name): " + ", ".join(f"{i}: {name}" for i, name in enumerate(r["labels"])) + "."]
     if r.get("kd_gain_points") is not None:
         lines += ["", f"KD gain over the no-KD baseline: {r['kd_gain_points']:+.2f} points."]
     if r["refine"]:

@@ -31,7 +31,8 @@ class Pipeline:
         self.timings: dict[str, float] = {}
 
     def check_inputs(self) -> None:
-        """Data columns and the teacher path, before any stage runs (files and values: load_pipeline_config)."""
+        """Data columns, the label set and the teacher path, before any stage runs (files and values:
+        load_pipeline_config)."""
         d = self.config.data
         source = self.config.teacher.model
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -46,6 +47,7 @@ class Pipeline:
                         f"Column {column!r} is not in {path} (columns: {columns}); set data.text_column / "
                         "data.label_column."
                     )
+        self.context.labels()  # labels the training file lacks, or a teacher with other classes: fail now
 
     def run(self, stages: Sequence[str] = STAGE_NAMES) -> dict[str, Any]:
         """Run ``stages`` (a subset of :data:`STAGE_NAMES`, in table order); returns ``report.json``'s content.

@@ -36,10 +36,12 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
             learning_rate=t.learning_rate,
             batch_size=t.batch_size,
             seed=ctx.config.seed,
+            id2label=ctx.labels().id2label,
         )
     teacher = _load(ctx.teacher_path())
     return {
         "path": ctx.teacher_path(),
+        "labels": ctx.labels().names,
         "accuracy": evaluate_accuracy(teacher, data["validation"], tokenizer),
         "parameters": sum(x.numel() for x in teacher.parameters()),
         "layers": teacher.config.num_hidden_layers,
@@ -155,7 +157,7 @@ def export_stage(ctx: RunContext) -> dict[str, Any]:
         source,
         ws.onnx_dir,
         variants=e.variants,
-        validation_data=ctx.raw_data()["validation"],
+        validation_data=ctx.labelled_data()["validation"],
         text_column=d.text_column,
         label_column=d.label_column,
         num_validation=e.num_validation,

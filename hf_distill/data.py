@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import bisect
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 
+from hf_distill.labels import LabelSet
+
 # Where the demo data is looked for when no folder is given: $HF_DISTILL_DATA, then ./data (a checkout of the
 # repository, which bundles SST-2), then ../shared/data. Never relative to the installed package.
 DATA_ENV = "HF_DISTILL_DATA"
+# SST-2's classes in id order (GLUE: 0 negative, 1 positive).
+SST2_LABELS = ("negative", "positive")
 
 
 def data_roots() -> list[Path]:
@@ -75,15 +81,131 @@ def load_sst2(data_dir: str | None = None, train_size: int | None = None, seed: 
 
 
 def tokenize_text_classification(
-    tokenizer: Any, raw: datasets.DatasetDict, text_column: str, label_column: str, max_length: int
+    tokenizer: Any,
+    raw: datasets.DatasetDict,
+    text_column: str,
+    label_column: str,
+    max_length: int,
+    labels: LabelSet | None = None,
 ) -> datasets.DatasetDict:
-    """Tokenize a text-classification DatasetDict; adds ``labels`` and ``length`` (for length-grouped sampling)."""
+    """Tokenize a text-classification DatasetDict; adds ``labels`` and ``length`` (for length-grouped sampling).
+
+    ``labels`` maps the label column's values (class names or ids) to class ids (:func:`labels_from_data`); None:
+    the column already holds class ids.
+
+    Raises:
+        ValueError: a label outside ``labels``, or non-integer labels without ``labels``.
+    """
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length)
-        encoded["labels"] = batch[label_column]
+        values = batch[label_column]
+        if labels is not None:
+            encoded["labels"] = labels.encode(values)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            encoded["labels"] = values
+        else:
+            raise ValueError(
+                f"Column {label_column!r} holds class names, not ids; pass labels=labels_from_data(...) "
+                "(hf_distill.labels) to map them."
+            )
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
     first = next(iter(raw.values()))
     return raw.map(encode, batched=True, remove_columns=first.column_names, desc="Tokenizing")
+
+
+def encode_words(tokenizer: Any, words: Sequence[Sequence[str]], max_length: int | None = None) -> Any:
+    """Tokenize pre-split words (CoNLL ``tokens``) exactly as the running text ``" ".join(words)`` tokenizes.
+
+    ``tokenizer(words, is_split_into_words=True)`` encodes each word on its own: a byte-level BPE tokenizer
+    (GPT-2, RoBERTa) then drops the leading space of every non-initial word (``king`` instead of ``Ġking``), a
+    sub-word sequence the model never sees in running text. Encoding the running text and mapping each token back
+    to its word through the offsets gives every tokenizer (byte-level BPE, WordPiece, SentencePiece) the sub-words
+    it produces at inference.
+
+    Returns:
+        The ``BatchEncoding`` (truncated to ``max_length`` tokens) with ``word_ids``: per row, per token, the index
+        of its word, or None for special tokens. Empty words get no token.
+
+    Raises:
+        ValueError: a tokenizer without offsets (not backed by the ``tokenizers`` library).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} reports no character offsets, which mapping sub-words to words needs; "
+            "load the tokenizer with AutoTokenizer (a tokenizers-backed, 'fast' tokenizer)."
+        )
+    texts, spans = [], []
+    for row in words:
+        text, row_spans = "", []
+        for index, word in enumerate(row):
+            if word:  # an empty word adds no separator either: it has no sub-words
+                text += " " if text else ""
+                row_spans.append((index, len(text) + len(word)))
+                text += word
+        texts.append(text)
+        spans.append(row_spans)
+    encoded = tokenizer(
+        texts,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    offsets, special = encoded.pop("offset_mapping"), encoded.pop("special_tokens_mask")
+    encoded["word_ids"] = [
+        [
+            None if is_special else _word_at(start, row_spans)
+            for (start, _), is_special in zip(row, row_special, strict=True)
+        ]
+        for row, row_special, row_spans in zip(offsets, special, spans, strict=True)
+    ]
+    return encoded
+
+
+def _word_at(start: int, spans: list[tuple[int, int]]) -> int:
+    """The word a token starting at character ``start`` belongs to: the first word ending after ``start`` (a token
+    that starts on the separating space, untrimmed ``" king"`` or a lone ``▁``, belongs to the word after it)."""
+    position = bisect.bisect_right([end for _, end in spans], start)
+    return spans[min(position, len(spans) - 1)][0]
+
+
+def tokenize_tagged_words(
+    tokenizer: Any,
+    raw: datasets.DatasetDict,
+    tag_names: Sequence[str],
+    max_length: int,
+    words_column: str = "tokens",
+    tags_column: str = "tags",
+) -> datasets.DatasetDict:
+    """Token classification: encode each row's words (:func:`encode_words`) and align its word tags.
+
+    Only the first sub-word of a word carries the word's tag id (index in ``tag_names``); the other sub-words and
+    the special tokens get -100, which the hard and the KD loss ignore.
+
+    Raises:
+        ValueError: a tag missing from ``tag_names``, or a row whose tags and words differ in number.
+    """
+    index = {tag: i for i, tag in enumerate(tag_names)}
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        encoded = encode_words(tokenizer, batch[words_column], max_length)
+        encoded["labels"] = []
+        for words, tags, word_ids in zip(batch[words_column], batch[tags_column], encoded["word_ids"], strict=True):
+            if len(tags) != len(words) or any(t not in index for t in tags):
+                raise ValueError(
+                    f"Row {words[:8]}... has {len(words)} words and tags {tags[:8]}...: each word needs one tag "
+                    f"from {list(tag_names)}."
+                )
+            previous, row_labels = None, []
+            for word in word_ids:
+                row_labels.append(-100 if word is None or word == previous else index[tags[word]])
+                previous = word
+            encoded["labels"].append(row_labels)
+        del encoded["word_ids"]
+        return encoded
+
+    first = next(iter(raw.values()))
+    return raw.map(encode, batched=True, remove_columns=first.column_names, desc="Aligning tags")

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from hf_distill.config import DistillationConfig
 from hf_distill.gguf import convert_gguf, is_gguf
+from hf_distill.labels import labels_from_data
 from hf_distill.loading import load_model
 from hf_distill.tasks import Task
 
@@ -52,16 +53,32 @@ def finetune_teacher(
 ) -> None:
     """Fine-tune a backbone (e.g. MiniLM) for sequence classification with a plain ``Trainer``; saves to ``output``.
 
-    ``data["train"]`` is tokenized with ``labels``; ``id2label`` names the classes (default: SST-2's two).
+    ``data["train"]`` is tokenized with ``labels`` (class ids). ``id2label`` names the classes (e.g.
+    ``LabelSet.id2label`` from :func:`hf_distill.labels.labels_from_data`); None: ``LABEL_<id>`` for ids
+    ``0..max(labels)``. The head gets one output per class.
+
+    Raises:
+        ValueError: a label id without a class in ``id2label``, or ids that are not ``0..n-1`` (checked before the
+            backbone loads).
     """
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
-    id2label = id2label or {0: "negative", 1: "positive"}
+    seen = sorted(set(data["train"]["labels"]))
+    if id2label is None:
+        id2label = labels_from_data(seen, seen).id2label
+    unknown = [label for label in seen if label not in id2label]
+    if unknown or sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(
+            f"id2label {id2label} must name ids 0..n-1 and every training label (unnamed: {unknown}); pass the "
+            "data's label set (hf_distill.labels.labels_from_data) as id2label."
+        )
     model = AutoModelForSequenceClassification.from_pretrained(
         source,
         num_labels=len(id2label),
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
+        # A saved head for another number of classes is replaced by a new one for these classes.
+        ignore_mismatched_sizes=True,
         use_safetensors=True,
     )
     args = TrainingArguments(

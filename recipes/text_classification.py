@@ -31,7 +31,7 @@ from transformers import (
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
 from hf_distill.arguments import parse_recipe_args
-from hf_distill.data import load_sst2, minilm_path, tokenize_text_classification
+from hf_distill.data import SST2_LABELS, load_sst2, minilm_path, tokenize_text_classification
 from hf_distill.teacher import finetune_teacher
 
 
@@ -80,6 +80,7 @@ def teacher_folder(script: ScriptArguments, args: DistillationConfig, data, toke
         learning_rate=script.teacher_learning_rate,
         batch_size=args.per_device_train_batch_size,
         seed=args.seed,
+        id2label=dict(enumerate(SST2_LABELS)),
     )
     return folder
 

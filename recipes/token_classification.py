@@ -1,8 +1,9 @@
 """Distil a token classifier (NER, POS, ...) into a smaller student.
 
 Data: JSON-lines files with one example per line, `{"tokens": ["EU", "rejects", ...], "tags": ["B-ORG", "O", ...]}`
-(CoNLL-style words and their tags). Words are split into sub-words by the teacher's tokenizer; only the first
-sub-word of each word carries its tag, the rest get -100 (ignored by both the hard and the KD loss).
+(CoNLL-style words and their tags). The words are joined into running text and split into sub-words by the teacher's
+tokenizer, so a byte-level BPE tokenizer (GPT-2, RoBERTa) sees `Ġking` for a non-initial word as it does at
+inference; only the first sub-word of each word carries its tag, the rest get -100 (ignored by the hard and KD loss).
 
 Stages: fine-tune the teacher backbone on the tags (unless --teacher_is_finetuned) -> cut a student with
 `create_student` -> KD with `DistillationTrainer` -> token accuracy / macro-F1 of both on the validation file.
@@ -29,7 +30,7 @@ from transformers import (
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
 from hf_distill.arguments import parse_recipe_args
-from hf_distill.data import minilm_path
+from hf_distill.data import minilm_path, tokenize_tagged_words
 
 
 @dataclass
@@ -57,20 +58,8 @@ def load_tagged(script: ScriptArguments) -> tuple[datasets.DatasetDict, list[str
 
 
 def align(tokenizer, raw: datasets.DatasetDict, labels: list[str], max_length: int) -> datasets.DatasetDict:
-    index = {label: i for i, label in enumerate(labels)}
-
-    def encode(batch: dict) -> dict:
-        encoded = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
-        encoded["labels"] = []
-        for row, tags in enumerate(batch["tags"]):
-            previous, row_labels = None, []
-            for word in encoded.word_ids(row):
-                row_labels.append(-100 if word is None or word == previous else index[tags[word]])
-                previous = word
-            encoded["labels"].append(row_labels)
-        return encoded
-
-    return raw.map(encode, batched=True, remove_columns=raw["train"].column_names, desc="Aligning tags")
+    """Sub-words as in running text, the tag on each word's first sub-word (hf_distill.data.tokenize_tagged_words)."""
+    return tokenize_tagged_words(tokenizer, raw, labels, max_length)
 
 
 def main(argv: list[str] | None = None) -> dict:

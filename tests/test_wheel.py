@@ -65,7 +65,12 @@ def test_wheel_runs_outside_the_repository(installed, tmp_path):
     write_sst2_slice(tmp_path, train=48, dev=24)
     config = {
         "output_dir": str(tmp_path / "out"),
-        "data": {"train": str(tmp_path / "train.tsv"), "validation": str(tmp_path / "dev.tsv"), "max_length": 32},
+        "data": {
+            "train": str(tmp_path / "train.tsv"),
+            "validation": str(tmp_path / "dev.tsv"),
+            "max_length": 32,
+            "label_names": ["negative", "positive"],  # SST-2's ids 0, 1 (unnamed ids are LABEL_<id>)
+        },
         "teacher": {"model": str(tmp_path / "teacher"), "epochs": 0.25, "batch_size": 16},
         "student": {"num_layers": 1},
         "distill": {"max_steps": 2, "per_device_train_batch_size": 8, "use_cpu": True, "disable_tqdm": True},

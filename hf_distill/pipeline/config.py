@@ -53,6 +53,13 @@ def _layers(value: list | None) -> str | None:
     return None if ok else "null or a non-empty list of teacher layer indices"
 
 
+def _label_names(value: list | None) -> str | None:
+    ok = value is None or (
+        bool(value) and all(isinstance(v, str) and v for v in value) and len(set(value)) == len(value)
+    )
+    return None if ok else "null or a non-empty list of distinct class names"
+
+
 def _key(help_text: str, default: Any = dataclasses.MISSING, check: Check | None = None, **kwargs: Any) -> Any:
     """A config key: its help text (shown in errors and docs) and its value check."""
     return field(default=default, metadata={"help": help_text, "check": check}, **kwargs)
@@ -64,6 +71,7 @@ class DataSection:
     validation: str = _key("Validation data (the dev split the report scores).", "data/sst2/dev.tsv")
     text_column: str = _key("Column holding the text.", "sentence")
     label_column: str = _key("Column holding the label.", "label")
+    label_names: list | None = _key("Class names in id order (null: from the data).", None, _label_names)
     train_size: int | None = _key("Sample this many training rows (null: all).", None, _positive)
     max_length: int = _key("Truncate inputs to this many tokens.", 64, _positive)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hf_distill.labels import LabelSet
 from hf_distill.pipeline.config import PipelineConfig
 from hf_distill.pipeline.workspace import Workspace
 
@@ -16,6 +17,7 @@ class RunContext:
     command: str
     _raw: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
+    _labels: LabelSet | None = field(default=None, repr=False)
 
     def teacher_source(self) -> str:
         """The backbone or fine-tuned teacher named in the config (``minilm``: the offline MiniLM package)."""
@@ -41,6 +43,38 @@ class RunContext:
             self._raw = raw
         return self._raw
 
+    def labels(self) -> LabelSet:
+        """The classes: from the data and ``data.label_names``; the teacher's own when it is used as it is.
+
+        Raises:
+            ValueError: see :func:`hf_distill.labels.labels_from_data` and :func:`~hf_distill.labels.agree_with_model`.
+        """
+        from hf_distill.labels import agree_with_model, labels_from_data
+
+        if self._labels is None:
+            d, raw = self.config.data, self.raw_data()
+            labels = labels_from_data(
+                raw["train"][d.label_column],
+                raw["validation"][d.label_column],
+                d.label_names,
+                where=(f"the training file {d.train}", f"the validation file {d.validation}"),
+            )
+            if not self.config.teacher.finetune:
+                from transformers import AutoConfig
+
+                try:
+                    model_labels = AutoConfig.from_pretrained(self.teacher_source()).id2label
+                except OSError as err:
+                    raise ValueError(f"Cannot read the teacher's config.json ({self.teacher_source()}): {err}") from err
+                labels = agree_with_model(labels, model_labels, self.teacher_source(), d.label_names is not None)
+            self._labels = labels
+        return self._labels
+
+    def labelled_data(self) -> Any:
+        """:meth:`raw_data` with the label column turned into class ids (what export validates with)."""
+        column, labels = self.config.data.label_column, self.labels()
+        return self.raw_data().map(lambda batch: {column: labels.encode(batch[column])}, batched=True)
+
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
@@ -53,6 +87,6 @@ class RunContext:
 
         d = self.config.data
         data = tokenize_text_classification(
-            self.tokenizer(), self.raw_data(), d.text_column, d.label_column, d.max_length
+            self.tokenizer(), self.raw_data(), d.text_column, d.label_column, d.max_length, self.labels()
         )
         return data, self.tokenizer()

@@ -34,7 +34,7 @@ def model_card(r: dict[str, Any], repo_id: str | None) -> str:
             "",
             f"A {len(s['teacher_layers_copied'] or [])}-layer student distilled with "
             f"hf_distill from `{t['source']}` ({t['layers']} layers), which was fine-tuned on the "
-            "task first. It keeps the teacher's tokenizer and labels.",
+            f"task first. It keeps the teacher's tokenizer and classes{_classes(r.get('labels'))}.",
             "",
             body,
             "",
@@ -62,6 +62,10 @@ def model_card(r: dict[str, Any], repo_id: str | None) -> str:
             "",
         ]
     )
+
+
+def _classes(labels: list[str] | None) -> str:
+    return f" ({len(labels)}: {', '.join(labels)})" if labels else ""
 
 
 def build_upload_folder(ws: Workspace, config: PipelineConfig, command: str, dest: Path) -> Path:

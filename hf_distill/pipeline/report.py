@@ -7,15 +7,19 @@ import shutil
 from typing import Any
 
 from hf_distill.pipeline.config import PipelineConfig
+from hf_distill.pipeline.stages import STAGE_NAMES, stage_config
 from hf_distill.pipeline.workspace import Workspace
 
 
 def collect(ws: Workspace, config: PipelineConfig, command: str) -> dict[str, Any]:
-    """Everything the report and the model card say, from the stages' folders."""
-    teacher, student, distill = ws.info("teacher"), ws.info("student"), ws.info("distill")
-    export, bench = ws.info("export"), ws.info("bench")
+    """Everything the report and the model card say, from the stages' folders (only stages finished under the
+    current config: a stale record of an earlier run is left out)."""
+    infos = {name: ws.info(name, stage_config(config, name)) for name in STAGE_NAMES}
+    teacher, student, distill = infos["teacher"], infos["student"], infos["distill"]
+    export, bench, refine = infos["export"], infos["bench"], infos["refine"]
     result: dict[str, Any] = {
         "command": command,
+        "labels": teacher.get("labels"),
         "teacher": {
             "source": config.teacher.model,
             "path": teacher.get("path"),
@@ -30,7 +34,7 @@ def collect(ws: Workspace, config: PipelineConfig, command: str) -> dict[str, An
         },
         "kd_settings": distill.get("settings"),
         "baseline_accuracy": distill.get("baseline", {}).get("accuracy"),
-        "refine": ws.info("refine") or None,
+        "refine": {k: refine.get(k) for k in ("method", "accuracy")} if refine else None,
         "export": [
             {k: r[k] for k in ("variant", "file", "size_bytes", "metric_value", "metric_drop", "passed")}
             for r in export.get("variants", [])
@@ -44,9 +48,9 @@ def collect(ws: Workspace, config: PipelineConfig, command: str) -> dict[str, An
         ],
         "machine": bench.get("machine"),
         "stage_seconds": {
-            s: ws.info(s).get("seconds")
+            s: infos[s].get("seconds")
             for s in ("teacher", "student", "distill", "refine", "export", "bench")
-            if ws.info(s)
+            if infos[s]
         },
     }
     if result["baseline_accuracy"] is not None and result["student"]["accuracy"] is not None:
@@ -72,6 +76,8 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if r["baseline_accuracy"] is not None:
         lines.append(f"| student, labels only (no KD) | {_num(r['baseline_accuracy'])} | same | same |")
+    if r.get("labels"):
+        lines += ["", "Classes (id: name): " + ", ".join(f"{i}: {name}" for i, name in enumerate(r["labels"])) + "."]
     if r.get("kd_gain_points") is not None:
         lines += ["", f"KD gain over the no-KD baseline: {r['kd_gain_points']:+.2f} points."]
     if r["refine"]:

@@ -1,8 +1,9 @@
 """`hf-distill run`: the runner. Checks inputs, claims the run folder, then runs the enabled stages in order.
 
 Every stage writes its own folder under ``output_dir`` and marks it complete with a ``.done`` file written last; a
-completed stage is skipped on the next run (``force`` redoes it), and an interrupted distillation resumes from its
-last checkpoint. A folder that holds another run's results (a different config) is refused unless ``force``.
+stage completed under the same stage config is skipped on the next run (``force`` redoes it from scratch, deleting
+its checkpoints), and an interrupted distillation or refinement resumes from its last checkpoint of the same stage
+config. A folder that holds another run's results (a different config) is refused unless ``force``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from hf_distill.pipeline.config import PipelineConfig
 from hf_distill.pipeline.context import RunContext
-from hf_distill.pipeline.stages import STAGE_NAMES, STAGES
+from hf_distill.pipeline.stages import STAGE_NAMES, STAGES, stage_config
 from hf_distill.pipeline.workspace import Workspace
 
 
@@ -31,7 +32,8 @@ class Pipeline:
         self.timings: dict[str, float] = {}
 
     def check_inputs(self) -> None:
-        """Data columns and the teacher path, before any stage runs (files and values: load_pipeline_config)."""
+        """Data columns, the label set and the teacher path, before any stage runs (files and values:
+        load_pipeline_config)."""
         d = self.config.data
         source = self.config.teacher.model
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -46,6 +48,7 @@ class Pipeline:
                         f"Column {column!r} is not in {path} (columns: {columns}); set data.text_column / "
                         "data.label_column."
                     )
+        self.context.labels()  # labels the training file lacks, or a teacher with other classes: fail now
 
     def run(self, stages: Sequence[str] = STAGE_NAMES) -> dict[str, Any]:
         """Run ``stages`` (a subset of :data:`STAGE_NAMES`, in table order); returns ``report.json``'s content.
@@ -62,14 +65,16 @@ class Pipeline:
         started = time.time()
         for index, stage in enumerate(selected, 1):
             head = f"[stage {index}/{len(selected)}] {stage.name}"
-            if not stage.always_runs and self.workspace.done(stage.name):
+            recorded_under = stage_config(self.config, stage.name)
+            if not stage.always_runs and self.workspace.done(stage.name, recorded_under):
                 print(f"{head}: done already, skipped ({self.workspace.stage_dir(stage.name)})")
                 continue
             print(f"{head} ... (elapsed {time.time() - started:.0f}s)", flush=True)
             stage_start = time.time()
-            self.workspace.stage_dir(stage.name).mkdir(parents=True, exist_ok=True)
+            self.workspace.start(stage.name)
             info = stage.run(self.context) or {}
             self.timings[stage.name] = time.time() - stage_start
-            self.workspace.finish(stage.name, {**info, "seconds": round(self.timings[stage.name], 1)})
+            info["seconds"] = round(self.timings[stage.name], 1)
+            self.workspace.finish(stage.name, info, recorded_under)
         report = self.workspace.report_json
         return json.loads(report.read_text()) if report.is_file() else {}

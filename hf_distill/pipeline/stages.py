@@ -36,10 +36,12 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
             learning_rate=t.learning_rate,
             batch_size=t.batch_size,
             seed=ctx.config.seed,
+            id2label=ctx.labels().id2label,
         )
     teacher = _load(ctx.teacher_path())
     return {
         "path": ctx.teacher_path(),
+        "labels": ctx.labels().names,
         "accuracy": evaluate_accuracy(teacher, data["validation"], tokenizer),
         "parameters": sum(x.numel() for x in teacher.parameters()),
         "layers": teacher.config.num_hidden_layers,
@@ -60,15 +62,16 @@ def student_stage(ctx: RunContext) -> dict[str, Any]:
 
 
 def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
-    """Distil the cut student (``alpha=0``: labels only), resuming from the last checkpoint after a crash."""
+    """Distil the cut student (``alpha=0``: labels only), resuming after a crash from the last checkpoint of the
+    same stage config (``Workspace.training_checkpoints`` removes any other)."""
     from transformers import DataCollatorWithPadding
 
     from hf_distill.metrics import classification_metrics, evaluate_accuracy
-    from hf_distill.trainer import DistillationTrainer, last_complete_checkpoint
+    from hf_distill.trainer import DistillationTrainer
 
     data, tokenizer = ctx.tokenized()
     folder = ctx.workspace.distill_dir(name)
-    checkpoints = ctx.workspace.checkpoints(folder)
+    checkpoints = ctx.workspace.training_checkpoints(folder, stage_config(ctx.config, "distill"))
     overrides = {"alpha": alpha} if alpha is not None else {}
     args = ctx.config.distillation_config(str(checkpoints), **overrides)
     trainer = DistillationTrainer(
@@ -81,9 +84,7 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics,
     )
-    last = last_complete_checkpoint(checkpoints)
-    if last:
-        print(f"  resuming {name} from {last}")
+    last = _resume_point(checkpoints, name)
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(folder / "model"))
     return {
@@ -92,6 +93,15 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
         "log_history": trainer.state.log_history,
         "resumed_from": last,
     }
+
+
+def _resume_point(checkpoints: Path, name: str) -> str | None:
+    from hf_distill.trainer import last_complete_checkpoint
+
+    last = last_complete_checkpoint(checkpoints)
+    if last:
+        print(f"  resuming {name} from {last}")
+    return last
 
 
 def distill_stage(ctx: RunContext) -> dict[str, Any]:
@@ -126,24 +136,32 @@ def refine_stage(ctx: RunContext) -> dict[str, Any]:
         copy.deepcopy(_load(ws.student_model_dir)),
         prompt_refine_config(Task.SEQUENCE_CLASSIFICATION, r.num_virtual_tokens, method=r.method),
     )
+    checkpoints = ws.training_checkpoints(ws.stage_dir("refine"), stage_config(ctx.config, "refine"))
     args = ctx.config.distillation_config(
-        str(ws.checkpoints(ws.stage_dir("refine"))),
+        str(checkpoints),
         num_train_epochs=r.epochs,
         learning_rate=r.learning_rate,
         hidden_loss_weight=0.0,
         attention_loss_weight=0.0,
     )
-    DistillationTrainer(
+    trainer = DistillationTrainer(
         model=student,
         teacher=_load(ctx.teacher_path()),
         args=args,
         train_dataset=data["train"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-    ).train()
+    )
+    last = _resume_point(checkpoints, "refine")
+    trainer.train(resume_from_checkpoint=last)
     student.save_pretrained(str(ws.refine_adapter_dir))
     tokenizer.save_pretrained(str(ws.refine_adapter_dir))
-    return {"accuracy": evaluate_accuracy(student, data["validation"], tokenizer), "method": r.method}
+    return {
+        "accuracy": evaluate_accuracy(student, data["validation"], tokenizer),
+        "method": r.method,
+        "log_history": trainer.state.log_history,
+        "resumed_from": last,
+    }
 
 
 def export_stage(ctx: RunContext) -> dict[str, Any]:
@@ -155,7 +173,7 @@ def export_stage(ctx: RunContext) -> dict[str, Any]:
         source,
         ws.onnx_dir,
         variants=e.variants,
-        validation_data=ctx.raw_data()["validation"],
+        validation_data=ctx.labelled_data()["validation"],
         text_column=d.text_column,
         label_column=d.label_column,
         num_validation=e.num_validation,
@@ -174,7 +192,7 @@ def bench_stage(ctx: RunContext) -> dict[str, Any]:
         ws.onnx_dir,
         student=ws.student_model_dir,
         teacher=ctx.teacher_path() if b.include_teacher else None,
-        teacher_metric=ws.info("teacher").get("accuracy"),
+        teacher_metric=ws.info("teacher", stage_config(ctx.config, "teacher")).get("accuracy"),
         batch_sizes=b.batch_sizes,
         seq_lens=b.seq_lens,
         runs=b.runs,
@@ -203,21 +221,36 @@ def push_stage(ctx: RunContext) -> dict[str, Any]:
 class Stage:
     name: str
     run: Callable[[RunContext], dict[str, Any]]
+    # The config keys its result depends on (its own section and its inputs'), see stage_config.
+    uses: tuple[str, ...]
     enabled: Callable[[PipelineConfig], bool] = lambda _config: True
     always_runs: bool = False  # rebuilt on every run (the report reads every other stage)
 
 
+_TEACHER = ("seed", "task", "data", "teacher")
+_DISTILL = (*_TEACHER, "student", "distill")
+_EXPORT = (*_DISTILL, "refine", "export")
 STAGES: tuple[Stage, ...] = (
-    Stage("teacher", teacher_stage),
-    Stage("student", student_stage),
-    Stage("distill", distill_stage),
-    Stage("refine", refine_stage, lambda c: c.refine.enabled),
-    Stage("export", export_stage, lambda c: c.export.enabled),
-    Stage("bench", bench_stage, lambda c: c.bench.enabled and c.export.enabled),
-    Stage("report", report_stage, always_runs=True),
-    Stage("push", push_stage, lambda c: c.push.enabled),
+    Stage("teacher", teacher_stage, _TEACHER),
+    Stage("student", student_stage, (*_TEACHER, "student")),
+    Stage("distill", distill_stage, _DISTILL),
+    Stage("refine", refine_stage, (*_DISTILL, "refine"), lambda c: c.refine.enabled),
+    Stage("export", export_stage, _EXPORT, lambda c: c.export.enabled),
+    Stage("bench", bench_stage, (*_EXPORT, "bench"), lambda c: c.bench.enabled and c.export.enabled),
+    Stage("report", report_stage, (*_EXPORT, "bench"), always_runs=True),
+    Stage("push", push_stage, (*_EXPORT, "bench", "push"), lambda c: c.push.enabled),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def stage_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The part of the run config that ``stage``'s result depends on, as JSON values: a finished stage or a
+    checkpoint recorded under another stage config is stale (``Workspace.done``, ``training_checkpoints``)."""
+    uses = next(s.uses for s in STAGES if s.name == stage)
+    values = config.to_dict()
+    return {key: values[key] for key in uses}
+
+
 # The stage subsets of the CLI's commands.
 COMMAND_STAGES = {
     "run": STAGE_NAMES,

@@ -161,7 +161,7 @@ class DistillationTrainer(Trainer):
         model: nn.Module,
         inputs: dict[str, Any],
         return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        num_items_in_batch: BatchCounts | torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The weighted total of :meth:`_loss_terms` and :meth:`_layer_terms`, normalised by :meth:`_normalised_total`.
 

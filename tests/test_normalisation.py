@@ -123,20 +123,20 @@ def test_logged_kd_loss_is_the_mean_over_the_positions_used(setup, out_dir):
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def _ragged_lm_data(labels):
-    data = lm_dataset(4, 3, seq_len=12)
+def _ragged_lm_data(labels, n=4):
+    data = lm_dataset(n, 3, seq_len=3 * n)
     data = data.map(lambda ex, i: {k: ex[k][: 2 + 3 * i] for k in ex}, with_indices=True)
     return data if labels else data.remove_columns("labels")
 
 
-def _update(out_dir, make, data, batch, accumulation, **overrides):
+def _update(out_dir, make, data, batch, accumulation, max_steps=1, **overrides):
     student, teacher = make(4), make(7)
     start = {k: v.clone() for k, v in student.state_dict().items()}
     args = cfg(
         out_dir,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
-        max_steps=1,
+        max_steps=max_steps,
         optim="sgd",
         learning_rate=0.5,
         lr_scheduler_type="constant",
@@ -163,6 +163,12 @@ ACCUMULATION_CASES = {
     ),
     "llama_no_labels": (lambda s: tiny_llama(2, seed=s), _ragged_lm_data(labels=False), {"alpha": 1.0}),
     "llama_hidden": (lambda s: tiny_llama(2, seed=s), _ragged_lm_data(labels=True), {"hidden_loss_weight": 1.0}),
+    # 6 examples, 2 steps: [4] then [2] against [2, 2] then a short last accumulation step of one micro-batch [2].
+    "llama_short_last_step": (
+        lambda s: tiny_llama(2, seed=s),
+        _ragged_lm_data(labels=False, n=6),
+        {"alpha": 1.0, "hidden_loss_weight": 1.0, "max_steps": 2},
+    ),
 }
 
 

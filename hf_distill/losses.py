@@ -197,6 +197,21 @@ def _bernoulli_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(logits), logits], dim=-1)
 
 
+def check_finite_kd(values: torch.Tensor, kd_loss: str) -> None:
+    """Stop before an infinite KD loss turns the weights into NaN (Trainer's logs would silently skip the step).
+
+    Raises:
+        ValueError: ``values`` holds +inf, naming the divergences that stay finite.
+    """
+    if bool(torch.isinf(values).any()):
+        raise ValueError(
+            f"kd_loss={kd_loss!r} is infinite on this batch: one distribution gives probability 0 (a -inf logit) to a "
+            "class where the other gives mass, and KL(p || q) is infinite when q is 0 where p is not (reverse_kl "
+            "with a teacher that masks classes). Use 'jsd', 'skew_kl' or 'skew_reverse_kl' (mixtures: always "
+            "finite), 'forward_kl' or 'tvd'."
+        )
+
+
 # --- hard-label losses -----------------------------------------------------------------------------------------
 
 SINGLE_LABEL = "single_label_classification"

@@ -16,7 +16,7 @@ from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
-from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, distillation_loss, hard_label_loss
+from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, distillation_loss, hard_label_loss
 from hf_distill.normalisation import (
     BatchCounts,
     LossTally,
@@ -228,7 +228,7 @@ class DistillationTrainer(Trainer):
             )
             terms["kd_loss"] = per_example(kd, aligned.mask, batch)
             if training:
-                _check_finite_kd(terms["kd_loss"].sums, args.kd_loss)
+                check_finite_kd(terms["kd_loss"].sums, args.kd_loss)
         if args.alpha < 1:
             hard = self.hard_loss(aligned.student, aligned.labels, aligned.mask)
             terms["hard_loss"] = per_example(hard, aligned.mask, batch)
@@ -337,17 +337,6 @@ class DistillationTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
         if self.matcher is not None and self.matcher.projections is not None and os.path.isfile(path):
             self.matcher.projections.load_state_dict(safetensors.torch.load_file(path))
-
-
-def _check_finite_kd(sums: torch.Tensor, kd_loss: str) -> None:
-    """Stop before an infinite KD loss turns the weights into NaN (the step would be silently skipped in logs)."""
-    if bool(torch.isinf(sums).any()):
-        raise ValueError(
-            f"kd_loss={kd_loss!r} is infinite on this batch: one distribution gives probability 0 (a -inf logit) to a "
-            "class where the other gives mass, and KL(p || q) is infinite when q is 0 where p is not (reverse_kl "
-            "with a teacher that masks classes). Use 'jsd', 'skew_kl' or 'skew_reverse_kl' (mixtures: always "
-            "finite), 'forward_kl' or 'tvd'."
-        )
 
 
 class TeacherPrompt:

@@ -9,6 +9,7 @@ and the rebuilt teacher is exact, so the loss equals the online teacher's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -223,19 +224,23 @@ def dense_teacher_logits(
 ) -> torch.Tensor:
     """Rebuild full teacher logits ``[..., num_classes]`` from a top-k cache.
 
-    Full cache (k = num_classes): the raw logits, exactly. Partial cache: logits ``T·log p`` whose softmax at
-    temperature T gives the top-k probabilities scaled to ``1 − rest_mass`` and the rest mass spread evenly.
+    Full cache (k = num_classes): the raw logits, exactly (``-inf`` included: the losses read it as probability 0).
+    Partial cache: logits ``T·log p`` whose softmax at temperature T gives the top-k probabilities scaled to
+    ``1 − rest_mass`` and the rest mass spread evenly. Built in log space, so a ``-inf`` top-k logit stays an exact
+    0 probability (never a NaN); the spread rest keeps a floor of float32's smallest normal number, because a cache
+    cannot tell a leftover of exactly 0 from one that underflowed.
     """
     k = topk_logits.shape[-1]
     if k == num_classes:
         return torch.zeros(*topk_logits.shape[:-1], num_classes, device=topk_logits.device).scatter(
             -1, topk_indices, topk_logits.float()
         )
-    tiny = torch.finfo(torch.float32).tiny
-    top_probs = torch.softmax(topk_logits.float() / temperature, -1) * (1.0 - rest_mass).unsqueeze(-1)
-    other = (rest_mass / (num_classes - k)).clamp_min(tiny).unsqueeze(-1)
-    probs = other.expand(*topk_logits.shape[:-1], num_classes).clone().scatter(-1, topk_indices, top_probs)
-    return temperature * torch.log(probs.clamp_min(tiny))
+    log_tiny = math.log(torch.finfo(torch.float32).tiny)
+    rest_mass = rest_mass.float()
+    log_top = torch.log_softmax(topk_logits.float() / temperature, -1) + torch.log1p(-rest_mass).unsqueeze(-1)
+    log_other = (torch.log(rest_mass / (num_classes - k)).clamp_min(log_tiny)).unsqueeze(-1)
+    log_probs = log_other.expand(*topk_logits.shape[:-1], num_classes).clone().scatter(-1, topk_indices, log_top)
+    return temperature * log_probs
 
 
 def teacher_logits_from_cache(cached: dict[str, torch.Tensor], num_classes: int, temperature: float) -> torch.Tensor:

@@ -26,7 +26,9 @@ class DistillationConfig(TrainingArguments):
     """Training arguments of :class:`~hf_distill.DistillationTrainer`.
 
     The total loss is ``alpha · kd_loss + (1 − alpha) · hard_loss + hidden_loss_weight · hidden_loss +
-    attention_loss_weight · attention_loss``.
+    attention_loss_weight · attention_loss``. Each component is a mean over the positions it covers (loss positions
+    for the first two, attention-mask tokens for the layer terms) of the whole accumulated batch on all ranks.
+    ``label_smoothing_factor`` applies to the hard loss of single-label heads, as in ``Trainer``.
     """
 
     temperature: float = field(
@@ -159,6 +161,18 @@ class DistillationConfig(TrainingArguments):
     @property
     def torch_teacher_dtype(self) -> torch.dtype | None:
         return None if self.teacher_dtype is None else _DTYPES[self.teacher_dtype]
+
+    def loss_weight(self, name: str) -> float:
+        """Weight of a loss component (``kd_loss``, ``hard_loss``, ``hidden_loss``, ``attention_loss``) in the total."""
+        weights = {
+            "kd_loss": self.alpha,
+            "hard_loss": 1.0 - self.alpha,
+            "hidden_loss": self.hidden_loss_weight,
+            "attention_loss": self.attention_loss_weight,
+        }
+        if name not in weights:
+            raise ValueError(f"Unknown loss component {name!r}; the components are {sorted(weights)}.")
+        return weights[name]
 
     def kd_params(self) -> dict[str, float]:
         """Extra parameters of the chosen KD loss."""

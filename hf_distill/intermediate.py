@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hf_distill.config import DistillationConfig
-from hf_distill.losses import attention_kl, hidden_state_loss, masked_mean, value_relation_kl
+from hf_distill.losses import attention_kl, hidden_state_loss, value_relation_kl
 from hf_distill.student import find_layer_stack
 from hf_distill.tasks import Task, unwrap_model
 
@@ -100,9 +100,6 @@ class IntermediateMatcher:
             found[block] = linear[0]
         return found
 
-    def weight(self, name: str) -> float:
-        return self.args.hidden_loss_weight if name == "hidden_loss" else self.args.attention_loss_weight
-
     @contextlib.contextmanager
     def capture_values(self, model: nn.Module, who: str) -> Iterator[None]:
         """Record the value projections' outputs of the matched blocks during one forward pass."""
@@ -124,7 +121,12 @@ class IntermediateMatcher:
     def losses(
         self, student_out: Any, teacher_out: Any, attention_mask: torch.Tensor | None, student_offset: int = 0
     ) -> dict[str, torch.Tensor]:
-        """Layer losses; ``student_offset`` skips a prompt-learning student's leading virtual positions."""
+        """Per-token layer losses ``[batch, seq]``, averaged over the matched layer pairs (heads for attention).
+
+        Values at padded tokens are meaningless; the trainer sums the tokens the attention mask keeps and divides
+        by their number over the whole accumulated batch. ``student_offset`` skips a prompt-learning student's
+        leading virtual positions.
+        """
         result: dict[str, torch.Tensor] = {}
         if self.needs_hidden:
             terms = []
@@ -132,21 +134,15 @@ class IntermediateMatcher:
                 s_hidden = student_out.hidden_states[s][:, student_offset:]
                 if self.projections is not None:
                     s_hidden = self.projections[str(s)](s_hidden)
-                terms.append(
-                    hidden_state_loss(
-                        s_hidden,
-                        teacher_out.hidden_states[t],
-                        loss=self.args.hidden_loss,
-                        mask=None if attention_mask is None else attention_mask.bool(),
-                    )
-                )
-            result["hidden_loss"] = torch.stack(terms).mean()
+                teacher_hidden = teacher_out.hidden_states[t]
+                terms.append(hidden_state_loss(s_hidden, teacher_hidden, loss=self.args.hidden_loss, reduction="none"))
+            result["hidden_loss"] = torch.stack(terms).mean(0)
         if self.needs_attentions:
             terms = [
                 attention_kl(student_out.attentions[s - 1], teacher_out.attentions[t - 1], key_mask=attention_mask)
                 for s, t in self.attention_pairs
             ]
-            result["attention_loss"] = self._query_mean(terms, attention_mask)
+            result["attention_loss"] = torch.stack(terms).mean(0)
         if self.needs_values:
             terms = [
                 value_relation_kl(
@@ -156,13 +152,8 @@ class IntermediateMatcher:
                 )
                 for s, t in self.attention_pairs
             ]
-            result["attention_loss"] = self._query_mean(terms, attention_mask)
+            result["attention_loss"] = torch.stack(terms).mean(0)
         return result
-
-    @staticmethod
-    def _query_mean(terms: list[torch.Tensor], attention_mask: torch.Tensor | None) -> torch.Tensor:
-        mask = None if attention_mask is None else attention_mask.bool()
-        return torch.stack([masked_mean(term, mask) for term in terms]).mean()
 
     def _heads(self, values: torch.Tensor) -> torch.Tensor:
         """[batch, seq, width] -> [batch, relation_heads, seq, width / relation_heads]."""

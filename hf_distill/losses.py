@@ -4,6 +4,12 @@ Every divergence in :data:`KD_LOSSES` takes the student's and the teacher's logi
 temperature* and returns one value per position (shape ``logits.shape[:-1]``). :func:`distillation_loss` adds the
 temperature, the T² scaling of Hinton et al. (2015) and masking around them. New losses are added with
 :func:`register_kd_loss`.
+
+Probability 0 (a ``-inf`` logit, e.g. a teacher that masks classes or vocabulary) is handled exactly: ``0·log 0``
+counts as 0, with finite gradients wherever the loss is finite. A KL direction whose second distribution is 0 where
+the first is not is infinite (``reverse_kl`` with a student that puts mass where the teacher has none): the value is
+``+inf``, never NaN; the mixtures (``jsd``, ``skew_kl``, ``skew_reverse_kl``) and ``tvd`` stay finite, and logit
+``mse`` compares only the classes where both logits are finite.
 """
 
 from __future__ import annotations
@@ -35,13 +41,23 @@ def register_kd_loss(name: str, *, on_logits: bool = False) -> Callable[[KDLossF
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dim from log-probabilities; 0·log 0 counts as 0."""
-    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    """KL(p || q) over the last dim from log-probabilities.
+
+    Classes where p is 0 contribute 0 whatever q is (0·log 0 = 0); where p > 0 and q = 0 the result is +inf. The
+    selection happens before the product so that no ``0·inf`` NaN reaches the value or the gradient.
+    """
+    p = log_p.exp()
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return (p * log_ratio).sum(-1)
 
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p·p + (1 − weight_p)·q), computed stably in log space."""
-    return torch.logsumexp(torch.stack([log_p + math.log(weight_p), log_q + math.log1p(-weight_p)]), dim=0)
+    """log(weight_p·p + (1 − weight_p)·q) in log space, ``-inf`` (with zero gradient) where p and q are both 0."""
+    a, b = log_p + math.log(weight_p), log_q + math.log1p(-weight_p)
+    both_zero = torch.isneginf(a) & torch.isneginf(b)
+    # logaddexp(-inf, -inf) has a NaN gradient: feed it finite stand-ins there and put -inf back afterwards.
+    safe = torch.logaddexp(a.masked_fill(both_zero, 0.0), b.masked_fill(both_zero, 0.0))
+    return safe.masked_fill(both_zero, float("-inf"))
 
 
 @register_kd_loss("forward_kl")
@@ -100,8 +116,15 @@ def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
 
 @register_kd_loss("mse", on_logits=True)
 def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between raw logits (Ba & Caruana 2014); temperature does not apply."""
-    return (student_logits - teacher_logits).pow(2).mean(-1)
+    """Mean squared error between raw logits (Ba & Caruana 2014); temperature does not apply.
+
+    Classes where either logit is ±inf (a masked class) are left out of the mean: their squared difference is
+    infinite and says nothing about the finite ones. A position without any finite pair gives 0.
+    """
+    finite = torch.isfinite(student_logits) & torch.isfinite(teacher_logits)
+    # Zero the difference before squaring: squaring inf first would leave a NaN gradient behind the selection.
+    diff = torch.where(finite, student_logits - teacher_logits, torch.zeros_like(student_logits))
+    return diff.pow(2).sum(-1) / finite.sum(-1).clamp_min(1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None, reduction: str = "mean") -> torch.Tensor:
@@ -109,7 +132,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None, reduction: str 
     if mask is not None:
         if mask.shape != values.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)} but the loss has shape {tuple(values.shape)}.")
-        values = values * mask.to(values.dtype)
+        # A selection, not a product: a NaN or inf at a masked position (padding) must not leak into the sum.
+        values = torch.where(mask.bool(), values, torch.zeros_like(values))
     if reduction == "none":
         return values
     total = values.sum()
@@ -130,6 +154,7 @@ def distillation_loss(
     mask: torch.Tensor | None = None,
     scale_by_t2: bool = True,
     reduction: str = "mean",
+    multi_label: bool = False,
     **params: float,
 ) -> torch.Tensor:
     """Soft-target loss between student and teacher logits (``[..., num_classes]``).
@@ -138,6 +163,10 @@ def distillation_loss(
     per-position values with ``reduction="sum"|"none"``. Distribution losses are computed at ``temperature`` and
     multiplied by T² (``scale_by_t2``) so gradient magnitudes do not shrink as T grows (Hinton et al. 2015).
     ``params`` go to the loss, e.g. ``jsd_beta`` or ``skew_lambda``.
+
+    ``multi_label=True`` (sigmoid heads, ``problem_type="multi_label_classification"``): every class is its own
+    yes/no distribution ``sigmoid(logit / T)``; the divergence is taken per class between these Bernoulli
+    distributions and averaged over classes, so one position still gives one value (as BCE does).
     """
     if loss not in KD_LOSSES:
         raise ValueError(f"Unknown KD loss {loss!r}. Choose one of {sorted(KD_LOSSES)} or register your own.")
@@ -153,10 +182,86 @@ def distillation_loss(
     if loss in LOGIT_LOSSES:
         per_position = KD_LOSSES[loss](student_logits, teacher_logits, **params)
     else:
+        if multi_label:
+            student_logits, teacher_logits = _bernoulli_logits(student_logits), _bernoulli_logits(teacher_logits)
         per_position = KD_LOSSES[loss](student_logits / temperature, teacher_logits / temperature, **params)
+        if multi_label:
+            per_position = per_position.mean(-1)  # [..., classes] -> [...]: one value per position, like BCE
         if scale_by_t2:
             per_position = per_position * temperature**2
     return masked_mean(per_position, mask, reduction)
+
+
+def _bernoulli_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` sigmoid logits -> ``[..., C, 2]`` two-class logits ``[0, x]``: softmax([0, x])[1] = sigmoid(x)."""
+    return torch.stack([torch.zeros_like(logits), logits], dim=-1)
+
+
+def check_finite_kd(values: torch.Tensor, kd_loss: str) -> None:
+    """Stop before an infinite KD loss turns the weights into NaN (Trainer's logs would silently skip the step).
+
+    Raises:
+        ValueError: ``values`` holds +inf, naming the divergences that stay finite.
+    """
+    if bool(torch.isinf(values).any()):
+        raise ValueError(
+            f"kd_loss={kd_loss!r} is infinite on this batch: one distribution gives probability 0 (a -inf logit) to a "
+            "class where the other gives mass, and KL(p || q) is infinite when q is 0 where p is not (reverse_kl "
+            "with a teacher that masks classes). Use 'jsd', 'skew_kl' or 'skew_reverse_kl' (mixtures: always "
+            "finite), 'forward_kl' or 'tvd'."
+        )
+
+
+# --- hard-label losses -----------------------------------------------------------------------------------------
+
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
+
+
+def hard_label_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    problem_type: str = SINGLE_LABEL,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-position loss against the ground truth, as transformers' heads compute it; ``logits`` is ``[N, C]``.
+
+    Returns ``[N]``: cross-entropy with ``label_smoothing`` (Trainer's ``label_smoothing_factor``: ``(1 − ε)·CE +
+    ε·mean over classes of −log p``) for ``single_label_classification`` (integer labels ``[N]``); binary
+    cross-entropy averaged over classes for ``multi_label_classification`` (multi-hot labels ``[N, C]``); squared
+    error averaged over outputs for ``regression`` (labels ``[N]`` or ``[N, C]``).
+
+    Raises:
+        ValueError: labels whose type or shape does not fit ``problem_type``, or label smoothing without classes.
+    """
+    logits = logits.float()
+    if problem_type == SINGLE_LABEL:
+        if labels.is_floating_point() or labels.dim() != 1:
+            raise ValueError(
+                f"single-label classification needs one integer class per position, got {labels.dtype} labels of "
+                f"shape {tuple(labels.shape)}. Multi-hot float labels need problem_type='multi_label_classification'"
+                " in the model config."
+            )
+        return F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
+    if problem_type not in (MULTI_LABEL, REGRESSION):
+        raise ValueError(f"Unknown problem_type {problem_type!r}; choose one of {list(PROBLEM_TYPES)}.")
+    if label_smoothing:
+        raise ValueError(
+            f"label_smoothing_factor={label_smoothing} smooths a softmax over classes; {problem_type} has none. "
+            "Set label_smoothing_factor=0."
+        )
+    targets = labels.float().reshape(logits.shape[0], -1)
+    if targets.shape != logits.shape:
+        raise ValueError(
+            f"{problem_type} needs {logits.shape[-1]} target value(s) per example (the head's outputs), got labels of "
+            f"shape {tuple(labels.shape)}."
+        )
+    if problem_type == MULTI_LABEL:
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)
+    return (logits - targets).pow(2).mean(-1)
 
 
 # --- intermediate-layer losses ---------------------------------------------------------------------------------

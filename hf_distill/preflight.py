@@ -18,6 +18,7 @@ from hf_distill.cache import (
     has_cached_logits,
 )
 from hf_distill.config import DistillationConfig
+from hf_distill.losses import LOGIT_LOSSES, MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from hf_distill.prompts import check_peft_combination, num_virtual_tokens
 from hf_distill.tasks import Task, infer_task, unwrap_model
 
@@ -272,3 +273,130 @@ def _validate_teacher(student: nn.Module, teacher: nn.Module, args: Distillation
                     f"layer_map entry {s} -> {t} is out of range: student hidden states are 0..{s_layers} and "
                     f"teacher hidden states 0..{t_layers} (0 is the embedding output)."
                 )
+
+
+def _first_label(dataset: Any) -> Any:
+    """The label of the dataset's first example (None when there is none or it cannot be read cheaply)."""
+    columns = _columns(dataset)
+    name = next((c for c in LABEL_COLUMNS if columns and c in columns), None)
+    if name is None:
+        return None
+    try:
+        return dataset[0][name]
+    except Exception:  # iterable datasets: checked on the first batch instead
+        return None
+
+
+def resolve_problem_type(student: nn.Module, teacher: nn.Module | None, task: Task, train_dataset: Any = None) -> str:
+    """The head's problem type, decided as transformers' sequence-classification heads do.
+
+    ``config.problem_type`` of the student (or the teacher) when set; otherwise ``regression`` for one output,
+    ``multi_label_classification`` for list-valued (multi-hot) labels and ``single_label_classification`` else.
+    Token classification and causal LM are single-label.
+
+    Raises:
+        ValueError: teacher and student declare different problem types, or the labels do not fit the declared one.
+    """
+    if task is not Task.SEQUENCE_CLASSIFICATION:
+        return SINGLE_LABEL
+    declared = {
+        who: getattr(unwrap_model(model).config, "problem_type", None)
+        for who, model in (("student", student), ("teacher", teacher))
+        if model is not None
+    }
+    if declared.get("teacher") and declared.get("student") and declared["teacher"] != declared["student"]:
+        raise ValueError(
+            f"The teacher's problem_type is {declared['teacher']!r} but the student's {declared['student']!r}: both "
+            "heads must read their outputs the same way. Give the student the teacher's config.problem_type."
+        )
+    label = _first_label(train_dataset)
+    problem = declared.get("student") or declared.get("teacher")
+    if problem is None:
+        if _output_classes(student, task) == 1:
+            problem = REGRESSION
+        else:
+            problem = MULTI_LABEL if isinstance(label, (list, tuple)) else SINGLE_LABEL
+    if label is not None and problem != REGRESSION and isinstance(label, (list, tuple)) != (problem == MULTI_LABEL):
+        raise ValueError(
+            f"problem_type={problem!r} but the first training label is {label!r}: multi-label classification needs a "
+            "multi-hot list of num_labels floats per example, single-label classification one class index. Fix the "
+            "labels or the model config's problem_type."
+        )
+    return problem
+
+
+def validate_loss_setup(
+    student: nn.Module,
+    args: DistillationConfig,
+    task: Task,
+    problem_type: str,
+    train_dataset: Any = None,
+    compute_loss_func: Any = None,
+) -> None:
+    """Reject loss setups that would silently compute something else than asked.
+
+    Raises:
+        ValueError: a softmax divergence on a single-output / regression head, label smoothing without a softmax,
+            a partial logit cache for a multi-label head, or a Trainer loss option the distillation loss replaces.
+    """
+    classes = _output_classes(student, task)
+    uses_kd, uses_hard = args.alpha > 0, args.alpha < 1
+    if uses_kd and args.kd_loss not in LOGIT_LOSSES and (problem_type == REGRESSION or classes == 1):
+        raise ValueError(
+            f"kd_loss={args.kd_loss!r} compares softmax distributions, but this head is a regression head "
+            f"(problem_type={problem_type!r}, {classes} output(s)): a softmax over one output is always 1, so the loss "
+            "is always 0. Use kd_loss='mse' (the teacher's outputs become regression targets; it needs an online "
+            "teacher)."
+        )
+    if problem_type == SINGLE_LABEL and classes == 1 and uses_hard:
+        raise ValueError(
+            "problem_type='single_label_classification' with num_labels=1: cross-entropy over one class is always 0. "
+            "Use num_labels=2 or problem_type='regression'."
+        )
+    if args.label_smoothing_factor:
+        if not uses_hard:
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} smooths the hard-label loss, which alpha=1.0 "
+                "switches off. Set label_smoothing_factor=0, or alpha < 1."
+            )
+        if problem_type != SINGLE_LABEL:
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} smooths a softmax over classes; a "
+                f"{problem_type} head has none (Trainer drops it for multi-label). Set label_smoothing_factor=0."
+            )
+    columns = _columns(train_dataset)
+    if problem_type == MULTI_LABEL and uses_kd and columns is not None and has_cached_logits(columns):
+        cached_k = len(train_dataset[0][TOPK_LOGITS])
+        if cached_k != classes:
+            raise ValueError(
+                f"A multi-label head needs every class's logit (each is its own sigmoid), but the cache holds the top "
+                f"{cached_k} of {classes}. Rebuild it with cache_teacher_logits(..., top_k=None)."
+            )
+    _validate_trainer_options(args, compute_loss_func)
+
+
+def _validate_trainer_options(args: DistillationConfig, compute_loss_func: Any) -> None:
+    """Trainer options that act inside Trainer.compute_loss, which DistillationTrainer replaces."""
+    if compute_loss_func is not None:
+        raise ValueError(
+            "DistillationTrainer computes its own loss (alpha·KD + (1 − alpha)·hard loss + layer terms), so "
+            "compute_loss_func would be ignored. To change the hard-label loss, subclass DistillationTrainer and "
+            "override hard_loss(logits, labels, mask), which returns one value per loss position."
+        )
+    if args.label_names not in (None, ["labels"]):
+        raise ValueError(
+            f"label_names={args.label_names}: DistillationTrainer reads the labels from the 'labels' field. Rename "
+            "the column to 'labels' and leave label_names unset."
+        )
+    if args.use_liger_kernel:
+        raise ValueError(
+            "use_liger_kernel=True: Liger's fused losses live inside the model's forward with labels, which "
+            "DistillationTrainer never passes (it needs the logits for KD). Set use_liger_kernel=False."
+        )
+    config = args.parallelism_config
+    sizes = {name: getattr(config, name, 1) or 1 for name in ("tp_size", "cp_size", "sp_size")} if config else {}
+    if any(size > 1 for size in sizes.values()):
+        raise ValueError(
+            f"parallelism_config {sizes}: tensor, context and sequence parallelism split or replicate the batch "
+            "across ranks, which the distillation loss does not account for. Use data parallelism (DDP/FSDP)."
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import defaultdict
 from typing import Any
 
 import safetensors.torch
@@ -17,8 +16,17 @@ from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
-from hf_distill.losses import distillation_loss, masked_mean
-from hf_distill.preflight import validate_cached_dataset, validate_setup
+from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, distillation_loss, hard_label_loss
+from hf_distill.normalisation import (
+    BatchCounts,
+    LossTally,
+    Term,
+    example_counts,
+    per_example,
+    per_example_tokens,
+    token_mask,
+)
+from hf_distill.preflight import resolve_problem_type, validate_cached_dataset, validate_loss_setup, validate_setup
 from hf_distill.prompts import num_virtual_tokens
 from hf_distill.tasks import Task, align_logits, infer_task
 from hf_distill.teacher import load_teacher
@@ -60,15 +68,13 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher, str):
             teacher = load_teacher(teacher, args, self.task)
         # Every check runs before Trainer builds optimizers, dataloaders or moves weights.
+        train_dataset = kwargs.get("train_dataset")
         validate_setup(
-            model,
-            teacher,
-            args,
-            self.task,
-            kwargs.get("train_dataset"),
-            processing_class,
-            eval_dataset=kwargs.get("eval_dataset"),
+            model, teacher, args, self.task, train_dataset, processing_class, eval_dataset=kwargs.get("eval_dataset")
         )
+        # multi-label heads distil per class (sigmoid) and train on BCE; regression heads on MSE.
+        self.problem_type = resolve_problem_type(model, teacher, self.task, train_dataset)
+        validate_loss_setup(model, args, self.task, self.problem_type, train_dataset, kwargs.get("compute_loss_func"))
         # Prompt-learning PEFT students prepend virtual positions to their outputs; they never meet a teacher token.
         self.num_virtual_tokens = num_virtual_tokens(model)
         self.teacher_prompt = TeacherPrompt(args.teacher_prompt, processing_class) if args.teacher_prompt else None
@@ -81,17 +87,17 @@ class DistillationTrainer(Trainer):
             }
         super().__init__(model=model, args=args, **kwargs)
         self.data_collator = CachedLogitsCollator(self.data_collator)
-        # num_items_in_batch (labelled positions over the accumulated batch, all ranks) normalises our loss, so the
-        # update of batch 8 × accumulation 1 equals that of batch 4 × accumulation 2.
-        self.model_accepts_loss_kwargs = True
+        # get_batch_samples counts the positions of each accumulation step itself (Trainer's count uses unshifted
+        # labels for models without a causal loss_type, and nothing without labels): Trainer need not count.
+        self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = True
+        self.tally = LossTally(self.accelerator)
         self.teacher = None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             if args.torch_teacher_dtype is not None:
                 teacher.to(args.torch_teacher_dtype)
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self._components: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # --- data ------------------------------------------------------------------------------------------------
 
@@ -155,9 +161,13 @@ class DistillationTrainer(Trainer):
         model: nn.Module,
         inputs: dict[str, Any],
         return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        num_items_in_batch: BatchCounts | torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        args: DistillationConfig = self.args
+        """The weighted total of :meth:`_loss_terms` and :meth:`_layer_terms`, normalised by :meth:`_normalised_total`.
+
+        In training ``num_items_in_batch`` is the :class:`BatchCounts` of :meth:`get_batch_samples`; any other value
+        (Trainer's own count in evaluation) is not used.
+        """
         cached = {k: inputs.pop(k) for k in CACHE_COLUMNS if k in inputs}
         labels = inputs.pop("labels", None)
         want_hidden = self.matcher is not None and self.matcher.needs_hidden
@@ -180,83 +190,133 @@ class DistillationTrainer(Trainer):
             if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
                 teacher_logits = self.teacher_prompt.drop_prompt_positions(teacher_logits)
         else:
-            teacher_logits = teacher_logits_from_cache(cached, student_logits.shape[-1], args.temperature)
+            teacher_logits = teacher_logits_from_cache(cached, student_logits.shape[-1], self.args.temperature)
 
-        aligned = align_logits(self.task, student_logits, teacher_logits, labels, inputs.get("attention_mask"))
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
-        # Label-level terms are sums over positions divided by the labelled positions of the whole accumulated
-        # batch (Trainer's num_items_in_batch, all ranks), so batch 8 × accumulation 1 gives the update of 4 × 2.
-        # DDP then averages gradients over ranks while that count spans all ranks: multiply back, as Trainer does.
-        rank_scale = 1
-        if num_items_in_batch is not None:
-            denominator = torch.as_tensor(num_items_in_batch, device=aligned.student.device, dtype=torch.float32)
-            if args.average_tokens_across_devices:
-                rank_scale = self.accelerator.num_processes
-        else:
-            denominator = aligned.mask.sum().float().clamp_min(1) * steps
-        label_terms: dict[str, torch.Tensor] = {}
-        if args.alpha > 0:
-            label_terms["kd_loss"] = (
-                distillation_loss(
-                    aligned.student,
-                    aligned.teacher,
-                    loss=args.kd_loss,
-                    temperature=args.temperature,
-                    mask=aligned.mask,
-                    scale_by_t2=args.scale_by_t2,
-                    reduction="sum",
-                    **args.kd_params(),
-                )
-                / denominator
-                * rank_scale
-            )
-        if args.alpha < 1:
-            label_terms["hard_loss"] = self.hard_loss(aligned.student, aligned.labels, aligned.mask) / denominator
-            label_terms["hard_loss"] = label_terms["hard_loss"] * rank_scale
-        total = sum(
-            (args.alpha if name == "kd_loss" else 1 - args.alpha) * value for name, value in label_terms.items()
-        )
-        # Hidden/attention terms are per-token means of this micro-batch; DDP's gradient mean is already right.
-        layer_terms: dict[str, torch.Tensor] = {}
+        terms = self._loss_terms(student_logits, teacher_logits, labels, inputs.get("attention_mask"), model.training)
         if teacher_outputs is not None and self.matcher is not None:
-            layer_losses = self.matcher.losses(
-                outputs, teacher_outputs, inputs.get("attention_mask"), student_offset=self.num_virtual_tokens
-            )
-            for name, value in layer_losses.items():
-                layer_terms[name] = value / steps
-                total = total + self.matcher.weight(name) * layer_terms[name]
-        self._record(label_terms | layer_terms, steps, model.training)
+            terms |= self._layer_terms(outputs, teacher_outputs, inputs.get("attention_mask"))
+        total = self._normalised_total(terms, num_items_in_batch if model.training else None)
+        self.tally.record(terms, model.training)
         if not return_outputs:
             return total
         # prediction_step turns every output field into "predictions": hand it the logits alone, as plain Trainer does.
         return total, type(outputs)(loss=total.detach(), logits=student_logits)
 
+    def _loss_terms(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        training: bool,
+    ) -> dict[str, Term]:
+        """Per-example sums and counts of ``kd_loss`` and ``hard_loss`` over the loss positions."""
+        args: DistillationConfig = self.args
+        aligned = align_logits(self.task, student_logits, teacher_logits, labels, attention_mask)
+        batch = student_logits.shape[0]
+        terms: dict[str, Term] = {}
+        if args.alpha > 0:
+            kd = distillation_loss(
+                aligned.student,
+                aligned.teacher,
+                loss=args.kd_loss,
+                temperature=args.temperature,
+                scale_by_t2=args.scale_by_t2,
+                reduction="none",
+                multi_label=self.problem_type == MULTI_LABEL,
+                **args.kd_params(),
+            )
+            terms["kd_loss"] = per_example(kd, aligned.mask, batch)
+            if training:
+                check_finite_kd(terms["kd_loss"].sums, args.kd_loss)
+        if args.alpha < 1:
+            hard = self.hard_loss(aligned.student, aligned.labels, aligned.mask)
+            terms["hard_loss"] = per_example(hard, aligned.mask, batch)
+        return terms
+
+    def _layer_terms(self, outputs: Any, teacher_outputs: Any, attention_mask: torch.Tensor | None) -> dict[str, Term]:
+        """Per-example sums and counts of the hidden-state and attention terms over the attention-mask tokens."""
+        offset = self.num_virtual_tokens
+        per_token = self.matcher.losses(outputs, teacher_outputs, attention_mask, student_offset=offset)
+        return {name: per_example_tokens(v, token_mask(attention_mask, v)) for name, v in per_token.items()}
+
+    def _normalised_total(self, terms: dict[str, Term], counts: BatchCounts | Any) -> torch.Tensor:
+        """``Σ weight · (summed term) / (its positions or tokens)``.
+
+        In training the counts span the whole accumulation step on all ranks (:meth:`get_batch_samples`), so that
+        the summed micro-batch gradients, averaged by DDP over ranks, are those of one big batch. Elsewhere (eval, or
+        a direct call) the batch alone is the normaliser.
+        """
+        total = torch.zeros((), device=self.args.device)
+        for name, term in terms.items():
+            if isinstance(counts, BatchCounts):
+                denominator = counts.denominator(term.unit)
+            else:
+                denominator = term.counts.sum().clamp_min(1)
+            total = total + self.args.loss_weight(name) * term.sums.sum() / denominator
+        return total
+
     def hard_loss(self, logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy against the labels (MSE for single-output regression heads)."""
+        """Hard-label loss per loss position, ``[N]`` from ``logits [N, C]`` (override to change it).
+
+        Cross-entropy with ``label_smoothing_factor`` for single-label heads, token classification and causal LM;
+        BCE averaged over classes for multi-label heads; squared error for regression heads. Values at positions
+        outside ``mask`` are ignored.
+        """
         if labels is None:
             raise ValueError("alpha < 1 needs labels in every batch; set alpha=1.0 to train on the teacher alone.")
-        if logits.shape[-1] == 1 and labels.is_floating_point():
-            return masked_mean((logits.squeeze(-1).float() - labels.float()).pow(2), mask, "sum")
-        safe_labels = labels.masked_fill(~mask, 0).long()
-        per_item = nn.functional.cross_entropy(logits.float(), safe_labels, reduction="none")
-        return masked_mean(per_item, mask, "sum")
+        if self.problem_type == SINGLE_LABEL:
+            labels = labels.masked_fill(~mask, 0)  # -100 is not a class index
+        return hard_label_loss(
+            logits, labels, problem_type=self.problem_type, label_smoothing=self.args.label_smoothing_factor
+        )
 
-    def _record(self, components: dict[str, torch.Tensor], steps: int, training: bool) -> None:
-        # Undo the accumulation scaling so each logged value reads as this micro-batch's mean loss.
-        mode = "train" if training else "eval"
-        for name, value in components.items():
-            self._components[mode][name].append(float(value.detach()) * steps)
+    # --- normalisation and logging -----------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The micro-batches of one optimizer step and their :class:`BatchCounts`, summed over all ranks.
+
+        Counted with the loss's own rules (shifted labels for every causal LM, attention mask without labels,
+        tokens for layer terms), including a short last accumulation step.
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, None
+        counts = torch.stack([example_counts(self.task, batch).to(device) for batch in batch_samples]).sum(0)
+        ranks = 1
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            ranks = self.accelerator.num_processes
+            counts = self.accelerator.gather(counts[None]).sum(0)
+        return batch_samples, BatchCounts(positions=counts[0], tokens=counts[1], ranks=ranks)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """Trainer's loop, plus every component and ``eval_loss`` as exact means over the whole set and all ranks.
+
+        ``eval_loss`` is then the weighted sum of the logged components (Trainer's own is a mean of batch means,
+        which for token-level tasks weighs a short sequence like a long one).
+        """
+        self.tally.reset_eval()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        prefix = metric_key_prefix
+        means = self.tally.eval_means()
+        if means:
+            for name, value in means.items():
+                output.metrics[f"{prefix}_{name}"] = value
+            output.metrics[f"{prefix}_loss"] = sum(self.args.loss_weight(n) * v for n, v in means.items())
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._components[mode].items():
-            if values:
-                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
-                if self.accelerator.num_processes > 1:
-                    mean = self.accelerator.reduce(mean, reduction="mean")
-                logs[f"{prefix}{name}"] = float(mean)
-        self._components[mode].clear()
+        if "loss" in logs:  # a training log: the components' means over the same window, all ranks
+            logs.update(self.tally.train_means())
+        elif "train_loss" in logs:  # the end of train(): means over the whole run, next to Trainer's train_loss
+            logs.update({f"train_{name}": value for name, value in self.tally.run_means().items()})
         super().log(logs, start_time)
 
     # --- checkpoints: projections travel with checkpoints (for resume), never with the student ----------------

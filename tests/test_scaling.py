@@ -176,3 +176,40 @@ def test_sigkill_mid_distillation_resumes_to_the_same_student(tiny_teacher, tmp_
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+def _means_by_hand(student, teacher, data, temperature=2.0):
+    from torch.nn import functional as F
+
+    from hf_distill.cache import pad_batch
+
+    batch = pad_batch([data[i] for i in range(len(data))])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        s, t = student.eval()(**inputs).logits / temperature, teacher(**inputs).logits / temperature
+    kd = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean() * temperature**2
+    return float(kd), float(F.cross_entropy(s * temperature, batch["labels"]))
+
+
+def test_two_ranks_log_exact_means_without_repeated_samples(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from two_rank_run import datasets, models
+
+    result = subprocess.run(
+        [*ACCELERATE_2_PROCESSES, str(ROOT / "tests" / "two_rank_run.py"), str(tmp_path / "out.json"), str(tmp_path)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = json.loads((tmp_path / "out.json").read_text())
+    assert logged["world_size"] == 2
+    train, evaluation = datasets()
+    for split, data in (("train", train), ("eval", evaluation)):
+        kd, hard = _means_by_hand(*models(), data)
+        prefix = "eval_" if split == "eval" else ""
+        assert logged[split][f"{prefix}kd_loss"] == pytest.approx(kd, rel=1e-5), split
+        assert logged[split][f"{prefix}hard_loss"] == pytest.approx(hard, rel=1e-5), split
+    metrics = logged["eval"]
+    assert metrics["eval_loss"] == pytest.approx(0.5 * metrics["eval_kd_loss"] + 0.5 * metrics["eval_hard_loss"])

@@ -73,7 +73,7 @@ def test_dataset_without_labels_needs_alpha_one(out_dir):
         _build(out_dir, tiny_bert(1), tiny_bert(2), data)
     trainer = _build(out_dir, tiny_bert(1), tiny_bert(2), data, alpha=1.0, max_steps=1)
     trainer.train()  # pure KD runs without labels
-    assert trainer.state.global_step == 1 and trainer.state.log_history[-1]["kd_loss"] > 0
+    assert trainer.state.global_step == 1 and trainer.state.log_history[-1]["train_kd_loss"] > 0
 
 
 def test_no_teacher_without_cache(out_dir):

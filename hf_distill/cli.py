@@ -180,9 +180,9 @@ def _pipeline(args: argparse.Namespace, argv: list[str] | None) -> None:
     overrides = list(args.overrides) + (["push.enabled=true"] if args.command == "push" else [])
     try:
         config = load_pipeline_config(args.config, overrides)
-    except yaml.YAMLError as err:  # a malformed YAML file (or --set value): the parser's first line names where
+    except yaml.YAMLError as err:  # a --set value that is not YAML (the config file's own errors are ValueErrors)
         reason = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"Cannot parse the config {args.config!r} or a --set value as YAML ({reason}).") from err
+        raise ValueError(f"A --set value is not valid YAML ({reason}); quote strings, e.g. --set key='a b'.") from err
     stages = COMMAND_STAGES[args.command]
     if args.command == "run" and args.stages:
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())

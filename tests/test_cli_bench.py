@@ -154,7 +154,9 @@ def test_bad_files_are_one_line_errors(student_dir, capsys, tmp_path):
         _one_line_error(capsys, ["export", str(student_dir / "s"), out, "--data", str(path)], expected)
     assert not (tmp_path / "o").exists()
     (tmp_path / "bad.yaml").write_text("output_dir: [unclosed\n")
-    _one_line_error(capsys, ["run", str(tmp_path / "bad.yaml")], "Cannot parse the config")
+    _one_line_error(capsys, ["run", str(tmp_path / "bad.yaml")], "is not valid YAML")
+    (tmp_path / "ok.yaml").write_text(f"output_dir: {tmp_path / 'run'}\n")
+    _one_line_error(capsys, ["run", str(tmp_path / "ok.yaml"), "--set", "seed=["], "A --set value is not valid YAML")
 
 
 def test_bench_on_a_corrupt_onnx_file_is_one_error_line(student_dir, capsys, tmp_path):

@@ -119,8 +119,7 @@ def non_finite_rows(outputs: list[np.ndarray], batches: EvalBatches) -> int:
     return count
 
 
-def torch_logits(model: Any, feed: dict[str, np.ndarray], task: Task, virtual_tokens: int) -> np.ndarray:
-    """PyTorch logits of one padded numpy batch, float32, without a prompt model's leading virtual positions."""
+def _forward(model: Any, feed: dict[str, np.ndarray], task: Task, virtual_tokens: int) -> np.ndarray:
     kwargs = {k: torch.from_numpy(v) for k, v in feed.items() if k != "prompt_embeds"}
     if task is Task.CAUSAL_LM:
         kwargs["use_cache"] = False
@@ -129,24 +128,28 @@ def torch_logits(model: Any, feed: dict[str, np.ndarray], task: Task, virtual_to
 
 
 @torch.no_grad()
-def evaluate_torch(model: Any, batches: EvalBatches, task: Task, virtual_tokens: int = 0) -> Reference:
-    """PyTorch logits and metric; a prompt-learning PEFT model's leading virtual positions are dropped.
+def torch_logits(model: Any, feed: dict[str, np.ndarray], task: Task, virtual_tokens: int = 0) -> np.ndarray:
+    """PyTorch logits of one right-padded numpy batch (float32), without a prompt model's virtual positions.
 
-    A decoder classifier (:func:`~hf_distill.export.inputs.reads_last_position`) is run on each row alone when its
+    A decoder classifier (:func:`~hf_distill.export.inputs.reads_last_position`) runs each row alone when the
     batch is padded: that is its true output, whatever transformers makes of padding behind a soft prompt.
+    """
+    mask = feed["attention_mask"]
+    if mask.all() or not reads_last_position(model):
+        return _forward(model, feed, task, virtual_tokens)
+    tokens = {k: v for k, v in feed.items() if k != "prompt_embeds"}
+    rows = [{k: v[i : i + 1, : int(mask[i].sum())] for k, v in tokens.items()} for i in range(len(mask))]
+    return np.concatenate([_forward(model, row, task, virtual_tokens) for row in rows])
+
+
+@torch.no_grad()
+def evaluate_torch(model: Any, batches: EvalBatches, task: Task, virtual_tokens: int = 0) -> Reference:
+    """PyTorch logits (:func:`torch_logits`) and metric of the trained model on every validation batch.
 
     Raises:
         ValueError: the PyTorch model itself gives NaN/inf logits (no export could be validated against it).
     """
-    alone, logits = reads_last_position(model), []
-    for feed in batches.inputs:
-        mask = feed["attention_mask"]
-        if alone and not mask.all():
-            tokens = {k: v for k, v in feed.items() if k != "prompt_embeds"}
-            rows = [{k: v[i : i + 1, : int(mask[i].sum())] for k, v in tokens.items()} for i in range(len(mask))]
-            logits.append(np.concatenate([torch_logits(model, row, task, virtual_tokens) for row in rows]))
-        else:
-            logits.append(torch_logits(model, feed, task, virtual_tokens))
+    logits = [torch_logits(model, feed, task, virtual_tokens) for feed in batches.inputs]
     bad = non_finite_rows(logits, batches)
     if bad:
         raise ValueError(

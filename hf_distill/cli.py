@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--force", action="store_true", help="Redo finished stages / reuse a foreign output_dir.")
         if name == "run":
             stage.add_argument("--stages", default=None, help="Comma-separated subset of the stages to run.")
-    exp = sub.add_parser("export", help="Export a saved student to validated ONNX variants.")
+    _add_export(sub.add_parser("export", help="Export a saved student to validated ONNX variants."))
+    _add_bench(sub.add_parser("bench", help="Benchmark an export folder against PyTorch eager."))
+    _add_generate(sub)
+    return parser
+
+
+def _add_export(exp: argparse.ArgumentParser) -> None:
     exp.add_argument("model_dir", help="Folder written by save_pretrained / trainer.save_model.")
     exp.add_argument("output_dir", help="Export folder to create.")
     exp.add_argument("--data", required=True, help="Validation data (.tsv/.csv/.jsonl or save_to_disk folder).")
@@ -56,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Comma-separated, from {','.join(VARIANT_FILES)}.",
     )
     exp.add_argument("--text-column", default="sentence")
+    exp.add_argument(
+        "--text-pair-column",
+        default="auto",
+        help="Second text of sentence pairs; 'auto' (default) finds GLUE's pair columns (sentence1/sentence2, "
+        "question1/question2, question/sentence, premise/hypothesis), 'none' reads single texts.",
+    )
     exp.add_argument("--label-column", default="label")
     exp.add_argument("--num-validation", type=int, default=872)
     exp.add_argument("--num-calibration", type=int, default=64)
@@ -64,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-metric-drop",
         type=float,
         default=1.0,
-        help="Accuracy points (or perplexity percent) a variant may lose before it fails.",
+        help="Accuracy or R² points (perplexity: percent) a variant may lose; NaN/inf outputs always fail.",
     )
     exp.add_argument("--allow-failed", action="store_true", help="Keep variants that fail the gate, marked failed.")
     exp.add_argument("--force", action="store_true", help="Replace an existing output folder.")
-    bench = sub.add_parser("bench", help="Benchmark an export folder against PyTorch eager.")
+
+
+def _add_bench(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("export_dir")
     bench.add_argument("--student", default=None, help="Saved student folder (PyTorch eager row).")
     bench.add_argument("--teacher", default=None, help="Saved teacher folder (PyTorch eager row).")
@@ -80,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=30)
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--output-dir", default=None, help="Where bench.json/md/png go (default: the export folder).")
-    _add_generate(sub)
-    return parser
 
 
 def _add_generate(sub: Any) -> None:
@@ -144,66 +156,81 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("hf_distill").setLevel(logging.INFO)
     try:
         if args.command in ("run", "distill", "push"):
-            from hf_distill.pipeline import Pipeline, load_pipeline_config
-            from hf_distill.pipeline.stages import COMMAND_STAGES
-
-            overrides = list(args.overrides) + (["push.enabled=true"] if args.command == "push" else [])
-            config = load_pipeline_config(args.config, overrides)
-            stages = COMMAND_STAGES[args.command]
-            if args.command == "run" and args.stages:
-                stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-            Pipeline(config, force=args.force, command=_command_line(argv)).run(stages)
+            _pipeline(args, argv)
         elif args.command == "export":
-            from hf_distill.data import load_table
-            from hf_distill.export import export_onnx
-
-            data = load_table(args.data)
-            calibration = load_table(args.calibration_data) if args.calibration_data else None
-            report = export_onnx(
-                args.model_dir,
-                args.output_dir,
-                variants=[v for v in args.variants.split(",") if v],
-                validation_data=data,
-                calibration_data=calibration,
-                text_column=args.text_column,
-                label_column=args.label_column,
-                num_validation=args.num_validation,
-                num_calibration=args.num_calibration,
-                max_length=args.max_length,
-                max_metric_drop=args.max_metric_drop,
-                fail_on_gate=not args.allow_failed,
-                overwrite=args.force,
-            )
-            metric = report["reference"]["metric"]
-            print(f"\n| variant | {metric} | drop | max abs diff | MB | gate |\n" + "|---" * 6 + "|")
-            for r in report["variants"]:
-                print(
-                    f"| {r['variant']} | {r['metric_value']:.2f} | {r['metric_drop']:.2f} | {r['max_abs_diff']:.3g} "
-                    f"| {r['size_bytes'] / 1e6:.1f} | {'pass' if r['passed'] else 'FAIL'} |"
-                )
-            print(f"\nwrote {args.output_dir}")
+            _export(args)
         elif args.command == "generate":
             _generate(args)
         else:
-            from hf_distill.export import benchmark
-
-            benchmark(
-                args.export_dir,
-                student=args.student,
-                teacher=args.teacher,
-                teacher_metric=args.teacher_metric,
-                variants=args.variants.split(",") if args.variants else None,
-                batch_sizes=args.batch_sizes,
-                seq_lens=args.seq_lens,
-                warmup=args.warmup,
-                runs=args.runs,
-                threads=args.threads,
-                output_dir=args.output_dir,
-            )
-    except ValueError as err:  # user errors: one clear line, non-zero exit, no traceback
-        print(f"hf-distill {args.command}: error: {err}", file=sys.stderr)
+            _bench(args)
+    except (ValueError, OSError) as err:  # user errors and unreadable files: a clear message, no traceback
+        # Our ValueErrors are one line (a failed gate adds its table); an OSError's text may span lines.
+        message = str(err) if isinstance(err, ValueError) else " ".join(f"{type(err).__name__}: {err}".split())
+        print(f"hf-distill {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _pipeline(args: argparse.Namespace, argv: list[str] | None) -> None:
+    import yaml
+
+    from hf_distill.pipeline import Pipeline, load_pipeline_config
+    from hf_distill.pipeline.stages import COMMAND_STAGES
+
+    overrides = list(args.overrides) + (["push.enabled=true"] if args.command == "push" else [])
+    try:
+        config = load_pipeline_config(args.config, overrides)
+    except yaml.YAMLError as err:  # a --set value that is not YAML (the config file's own errors are ValueErrors)
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"A --set value is not valid YAML ({reason}); quote strings, e.g. --set key='a b'.") from err
+    stages = COMMAND_STAGES[args.command]
+    if args.command == "run" and args.stages:
+        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    Pipeline(config, force=args.force, command=_command_line(argv)).run(stages)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from hf_distill.data import load_table
+    from hf_distill.export import export_onnx, variant_table
+
+    data = load_table(args.data)
+    calibration = load_table(args.calibration_data) if args.calibration_data else None
+    report = export_onnx(
+        args.model_dir,
+        args.output_dir,
+        variants=[v for v in args.variants.split(",") if v],
+        validation_data=data,
+        calibration_data=calibration,
+        text_column=args.text_column,
+        text_pair_column=None if args.text_pair_column.lower() == "none" else args.text_pair_column,
+        label_column=args.label_column,
+        num_validation=args.num_validation,
+        num_calibration=args.num_calibration,
+        max_length=args.max_length,
+        max_metric_drop=args.max_metric_drop,
+        fail_on_gate=not args.allow_failed,
+        overwrite=args.force,
+    )
+    print("\n" + variant_table(report["variants"], report["reference"]["metric"]))
+    print(f"\nwrote {args.output_dir}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from hf_distill.export import benchmark
+
+    benchmark(
+        args.export_dir,
+        student=args.student,
+        teacher=args.teacher,
+        teacher_metric=args.teacher_metric,
+        variants=args.variants.split(",") if args.variants else None,
+        batch_sizes=args.batch_sizes,
+        seq_lens=args.seq_lens,
+        warmup=args.warmup,
+        runs=args.runs,
+        threads=args.threads,
+        output_dir=args.output_dir,
+    )
 
 
 if __name__ == "__main__":

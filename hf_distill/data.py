@@ -48,21 +48,80 @@ def find_sst2_dir(data_dir: str | None = None) -> Path:
     )
 
 
-def load_table(path: str, split: str = "validation") -> Any:
-    """A datasets.Dataset from a .tsv/.csv/.json(l) file or a folder written by save_to_disk."""
+def load_table(path: str | os.PathLike, split: str = "validation") -> Any:
+    """A datasets.Dataset from a .tsv/.csv/.json(l) file or a folder written by save_to_disk.
+
+    Raises:
+        ValueError: the path does not exist, has another suffix, or cannot be read as a table (a corrupt file, a
+            folder that is not a saved dataset, a DatasetDict without ``split``) — one line naming the file.
+    """
     source = Path(path)
     if not source.exists():
-        raise ValueError(f"Data file {path!r} does not exist.")
-    if source.is_dir():
-        loaded = datasets.load_from_disk(str(source))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if source.suffix in (".tsv", ".csv"):
-        # quoting=3 (csv.QUOTE_NONE): GLUE-style TSVs hold bare quote characters inside sentences.
-        delimiter = "\t" if source.suffix == ".tsv" else ","
-        return datasets.load_dataset("csv", data_files=str(source), delimiter=delimiter, quoting=3, split="train")
-    if source.suffix in (".json", ".jsonl"):
+        raise ValueError(f"Data file {str(path)!r} does not exist.")
+    if not source.is_dir() and source.suffix not in (".tsv", ".csv", ".json", ".jsonl"):
+        raise ValueError(f"Unsupported data file {str(path)!r}: use .tsv, .csv, .jsonl or a save_to_disk folder.")
+    try:
+        if source.is_dir():
+            loaded = datasets.load_from_disk(str(source))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"it holds the splits {sorted(loaded)}, not {split!r}")
+                return loaded[split]
+            return loaded
+        if source.suffix in (".tsv", ".csv"):
+            # quoting=3 (csv.QUOTE_NONE): GLUE-style TSVs hold bare quote characters inside sentences.
+            delimiter = "\t" if source.suffix == ".tsv" else ","
+            return datasets.load_dataset("csv", data_files=str(source), delimiter=delimiter, quoting=3, split="train")
         return datasets.load_dataset("json", data_files=str(source), split="train")
-    raise ValueError(f"Unsupported data file {path!r}: use .tsv, .csv, .jsonl or a save_to_disk folder.")
+    except Exception as err:  # datasets, pyarrow and pandas each raise their own types for a bad file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(
+            f"Cannot read data {str(path)!r} ({type(err).__name__}: {reason}). Pass a .tsv/.csv/.jsonl file or a "
+            "folder written by Dataset.save_to_disk."
+        ) from err
+
+
+# GLUE's sentence-pair column names, in the order they are tried (MRPC/RTE/STS-B, QQP, QNLI, MNLI).
+GLUE_TEXT_PAIRS = (
+    ("sentence1", "sentence2"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("premise", "hypothesis"),
+)
+AUTO = "auto"
+
+
+def text_columns(
+    columns: list[str], text_column: str = "sentence", text_pair_column: str | None = AUTO
+) -> tuple[str, str | None]:
+    """The text column and, for sentence-pair tasks, the second text column: one rule for training, export and CLI.
+
+    ``text_pair_column="auto"`` (the default): when the data holds both columns of a GLUE pair (``sentence1`` /
+    ``sentence2``, ``question1`` / ``question2``, ``question`` / ``sentence``, ``premise`` / ``hypothesis``) and
+    ``text_column`` is absent or one of the two, the pair is used; otherwise ``text_column`` alone.
+    ``text_pair_column=None`` means single texts; a name means that column is the second text.
+
+    Raises:
+        ValueError: a named column is missing.
+    """
+    if text_pair_column == AUTO:
+        for first, second in GLUE_TEXT_PAIRS:
+            if (
+                first in columns
+                and second in columns
+                and (text_column not in columns or text_column in (first, second))
+            ):
+                return first, second
+        text_pair_column = None
+    if text_column not in columns:
+        pairs = ", ".join("/".join(p) for p in GLUE_TEXT_PAIRS)
+        raise ValueError(
+            f"Data has columns {columns}: it needs a text column '{text_column}' (set text_column= / --text-column), "
+            f"a sentence pair ({pairs}), or tokenized 'input_ids'."
+        )
+    if text_pair_column is not None and text_pair_column not in columns:
+        raise ValueError(f"Data has columns {columns}: no second text column '{text_pair_column}' (text_pair_column=).")
+    return text_column, text_pair_column
 
 
 def load_sst2(data_dir: str | None = None, train_size: int | None = None, seed: int = 42) -> datasets.DatasetDict:
@@ -87,18 +146,22 @@ def tokenize_text_classification(
     label_column: str,
     max_length: int,
     labels: LabelSet | None = None,
+    text_pair_column: str | None = AUTO,
 ) -> datasets.DatasetDict:
     """Tokenize a text-classification DatasetDict; adds ``labels`` and ``length`` (for length-grouped sampling).
 
     ``labels`` maps the label column's values (class names or ids) to class ids (:func:`labels_from_data`); None:
-    the column already holds class ids.
+    the column already holds class ids. Sentence pairs follow :func:`text_columns` (GLUE pair names are found by
+    themselves) and keep their ``token_type_ids``.
 
     Raises:
         ValueError: a label outside ``labels``, or non-integer labels without ``labels``.
     """
+    first_split = next(iter(raw.values()))
+    first, second = text_columns(first_split.column_names, text_column, text_pair_column)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length)
+        encoded = tokenizer(batch[first], batch[second] if second else None, truncation=True, max_length=max_length)
         values = batch[label_column]
         if labels is not None:
             encoded["labels"] = labels.encode(values)
@@ -112,8 +175,7 @@ def tokenize_text_classification(
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
-    first = next(iter(raw.values()))
-    return raw.map(encode, batched=True, remove_columns=first.column_names, desc="Tokenizing")
+    return raw.map(encode, batched=True, remove_columns=first_split.column_names, desc="Tokenizing")
 
 
 def encode_words(tokenizer: Any, words: Sequence[Sequence[str]], max_length: int | None = None) -> Any:

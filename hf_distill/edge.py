@@ -1,11 +1,18 @@
 """Run an hf_distill ONNX export on a device: needs only onnxruntime, tokenizers and numpy (no torch, no transformers).
 
     python edge_runner.py MODEL_DIR "a gripping , funny film" "dull"          # classify texts
+    python edge_runner.py MODEL_DIR --pair "A man is eating." "Someone eats."  # a sentence pair (repeatable)
+    printf 'first\tsecond\n' | python edge_runner.py MODEL_DIR                  # stdin: a tab splits a pair
     python edge_runner.py MODEL_DIR --generate "ROMEO:" --max-new-tokens 20   # greedy generation (causal LM)
     python edge_runner.py MODEL_DIR --variant fp32 --threads 1 "text"
 
 MODEL_DIR is the folder written by `hf-distill export` (it holds hf_distill_manifest.json, tokenizer.json and the
-.onnx files). Output: one JSON object per line.
+.onnx files). Output: one JSON object per line (classification: label, label_id, score, probabilities; regression
+heads: value).
+
+Tokenization follows the manifest's rule (the same one the export wrote into tokenizer.json): pad each batch to its
+longest row on the right, truncate to `max_length` tokens (longest text of a pair first), and feed the encoding's
+own attention mask and token type ids.
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 MANIFEST = "hf_distill_manifest.json"
+Text = str | tuple[str, str]  # one text, or a sentence pair
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"error: {message}")
 
 
 class EdgeModel:
@@ -34,14 +46,11 @@ class EdgeModel:
         prompt: str | os.PathLike | None = None,
     ) -> None:
         self.folder = Path(folder)
-        manifest_path = self.folder / MANIFEST
-        if not manifest_path.is_file():
-            raise SystemExit(f"error: {manifest_path} not found; pass a folder written by `hf-distill export`.")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = self._read_manifest()
         variants = self.manifest["variants"]
         self.variant = variant or self.manifest.get("default_variant") or next(iter(variants), None)
         if self.variant not in variants:
-            raise SystemExit(f"error: variant {self.variant!r} is not in this export; available: {sorted(variants)}.")
+            raise _fail(f"variant {self.variant!r} is not in this export; available: {sorted(variants)}.")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -49,90 +58,135 @@ class EdgeModel:
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises several internal exception types for a bad file
-            raise SystemExit(
-                f"error: cannot load {model_path} ({err.__class__.__name__}): the file is missing, "
+            raise _fail(
+                f"cannot load {model_path} ({err.__class__.__name__}): the file is missing, "
                 "truncated or corrupted. Copy the export folder again or re-run `hf-distill export`."
             ) from err
-        if not self.manifest.get("tokenizer"):
-            raise SystemExit("error: this export has no tokenizer.json; export from a folder that holds the tokenizer.")
-        self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest["tokenizer"]))
         self.max_length = int(self.manifest["max_length"])
+        self.tokenizer = self._load_tokenizer()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.prompt = self._load_prompt(prompt)
+
+    def _read_manifest(self) -> dict:
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise _fail(f"{path} not found; pass a folder written by `hf-distill export`.")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise _fail(f"{path} is not valid JSON ({err}); copy the export folder again.") from err
+        missing = [k for k in ("task", "variants", "max_length") if not isinstance(manifest, dict) or k not in manifest]
+        if missing:
+            raise _fail(f"{path} lacks {missing}; pass a folder written by `hf-distill export`.")
+        return manifest
+
+    def _load_tokenizer(self) -> Tokenizer:
+        """The exported tokenizer with the manifest's padding/truncation rule applied (see the module docstring)."""
+        if not self.manifest.get("tokenizer"):
+            raise _fail("this export has no tokenizer.json; export from a folder that holds the tokenizer.")
+        path = self.folder / self.manifest["tokenizer"]
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a plain Exception for a bad file
+            raise _fail(f"cannot load {path} ({err}); copy the export folder again.") from err
+        # Exports made before the rule was written down: pad with the manifest's id, truncate at max_length.
+        rule = self.manifest.get("tokenization") or {
+            "pad_token_id": int(self.manifest.get("pad_token_id") or 0),
+            "pad_token": "[PAD]",
+            "pad_type_id": 0,
+            "max_length": self.max_length,
+        }
+        self._rule = rule
+        self._apply_rule(tokenizer)
+        return tokenizer
+
+    def _apply_rule(self, tokenizer: Tokenizer) -> None:
+        rule = self._rule
+        tokenizer.enable_padding(
+            direction="right", pad_id=rule["pad_token_id"], pad_type_id=rule["pad_type_id"], pad_token=rule["pad_token"]
+        )
+        tokenizer.enable_truncation(int(rule["max_length"]), strategy="longest_first", direction="right")
 
     def _load_prompt(self, prompt: str | os.PathLike | None) -> np.ndarray | None:
         """The soft prompt fed to a prompt-as-input export (one backbone, one .npy file per task)."""
         info = self.manifest.get("prompt") or {}
         if info.get("mode") != "input":
             if prompt is not None:
-                raise SystemExit(
-                    "error: --prompt needs an export made with prompt_mode='input'; this one has "
+                raise _fail(
+                    "--prompt needs an export made with prompt_mode='input'; this one has "
                     f"{info.get('mode') or 'no'} prompt."
                 )
             return None
         path = Path(prompt) if prompt is not None else self.folder / info["default_file"]
         if not path.is_file():
-            raise SystemExit(f"error: prompt file {path} not found.")
-        embeds = np.load(path).astype(np.float32)
-        if embeds.shape[0] != info["num_virtual_tokens"]:
-            raise SystemExit(
-                f"error: {path} holds {embeds.shape[0]} virtual tokens; this backbone was exported for "
-                f"{info['num_virtual_tokens']}."
+            raise _fail(f"prompt file {path} not found.")
+        try:
+            embeds = np.load(path).astype(np.float32)
+        except Exception as err:  # a truncated or foreign file
+            raise _fail(f"cannot read prompt file {path} ({err.__class__.__name__}: {err}).") from err
+        if embeds.ndim != 2 or embeds.shape[0] != info["num_virtual_tokens"]:
+            raise _fail(
+                f"{path} holds embeddings of shape {embeds.shape}; this backbone was exported for "
+                f"{info['num_virtual_tokens']} virtual tokens."
             )
         return embeds
 
-    def _feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def _feed(self, texts: list[Text]) -> dict[str, np.ndarray]:
         encodings = self.tokenizer.encode_batch(texts)
         for text, enc in zip(texts, encodings, strict=True):
-            if len(enc.ids) > self.max_length:
+            if enc.overflowing:
+                first = text if isinstance(text, str) else text[0]
                 print(
-                    f"warning: input is {len(enc.ids)} tokens, longer than this export's {self.max_length} "
-                    f"(positions left after the soft prompt); truncated: {text[:40]!r}...",
+                    f"warning: input is longer than this export's {self.max_length} tokens "
+                    f"(positions left after any soft prompt); truncated: {first[:40]!r}...",
                     file=sys.stderr,
                 )
-        width = min(max(len(e.ids) for e in encodings), self.max_length)
-        pad = int(self.manifest.get("pad_token_id") or 0)
-
-        def padded(rows: list[list[int]], value: int) -> np.ndarray:
-            return np.array([r[:width] + [value] * (width - len(r[:width])) for r in rows], dtype=np.int64)
-
         feed = {
-            "input_ids": padded([e.ids for e in encodings], pad),
-            "attention_mask": padded([[1] * len(e.ids) for e in encodings], 0),
-            "token_type_ids": padded([e.type_ids for e in encodings], 0),
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
             "prompt_embeds": self.prompt,
         }
         return {name: feed[name] for name in self.input_names}
 
-    def logits(self, texts: list[str]) -> np.ndarray:
+    def logits(self, texts: list[Text]) -> np.ndarray:
+        """``[batch, num_labels]`` (or per-token) logits of texts or ``(first, second)`` pairs."""
         return self.session.run(["logits"], self._feed(texts))[0]
 
-    def classify(self, texts: list[str]) -> list[dict]:
+    def classify(self, texts: list[Text]) -> list[dict]:
+        """One result per text or ``(first, second)`` pair: label and probabilities, or ``value`` for regression."""
         if self.manifest["task"] != "sequence-classification":
-            raise SystemExit(
-                f"error: classify needs a sequence-classification export, this one is "
+            raise _fail(
+                f"classify needs a sequence-classification export, this one is "
                 f"{self.manifest['task']}; use --generate for causal LMs."
             )
         logits = self.logits(texts).astype(np.float64)
+        rows = [{"text": t} if isinstance(t, str) else {"text": t[0], "text_pair": t[1]} for t in texts]
+        if self.manifest.get("problem_type") == "regression":
+            return [{**row, "value": float(v[0])} for row, v in zip(rows, logits, strict=True)]
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         id2label = self.manifest.get("id2label", {})
         return [
             {
-                "text": t,
+                **row,
                 "label": id2label.get(str(int(p.argmax())), str(int(p.argmax()))),
                 "label_id": int(p.argmax()),
                 "score": float(p.max()),
                 "probabilities": p.round(6).tolist(),
             }
-            for t, p in zip(texts, probs, strict=True)
+            for row, p in zip(rows, probs, strict=True)
         ]
 
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy decoding; re-runs the whole sequence each step (the export has no KV cache)."""
+        """Greedy decoding; re-runs the last ``max_length`` tokens each step (the export has no KV cache)."""
         if self.manifest["task"] != "causal-lm":
-            raise SystemExit("error: --generate needs a causal-lm export.")
-        ids = self.tokenizer.encode(prompt).ids
+            raise _fail("--generate needs a causal-lm export.")
+        self.tokenizer.no_truncation()  # keep the prompt's end: the window below drops its start instead
+        try:
+            ids = self.tokenizer.encode(prompt).ids
+        finally:
+            self._apply_rule(self.tokenizer)
         eos = self.manifest.get("eos_token_id")
         for _ in range(max_new_tokens):
             window = ids[-self.max_length :]
@@ -148,10 +202,26 @@ class EdgeModel:
         return self.tokenizer.decode(ids)
 
 
+def read_inputs(texts: list[str], pairs: list[list[str]] | None, stdin: object) -> list[Text]:
+    """Texts and ``--pair`` pairs from the command line; else stdin lines (a tab splits a line into a pair)."""
+    inputs: list[Text] = [*texts, *(tuple(p) for p in pairs or [])]
+    if inputs:
+        return inputs
+    lines = [line.rstrip("\r\n") for line in stdin if line.strip()]
+    return [tuple(line.split("\t", 1)) if "\t" in line else line for line in lines]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
     parser.add_argument("texts", nargs="*", help="Texts to classify.")
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("FIRST", "SECOND"),
+        help="A sentence pair to classify (repeatable).",
+    )
     parser.add_argument("--variant", default=None, help="Variant to run (default: the manifest's default_variant).")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
     parser.add_argument("--generate", default=None, help="Prompt for greedy generation (causal-LM exports).")
@@ -162,8 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.generate is not None:
         print(json.dumps({"prompt": args.generate, "text": model.generate(args.generate, args.max_new_tokens)}))
         return
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for row in model.classify(texts):
+    inputs = read_inputs(args.texts, args.pair, sys.stdin)
+    if not inputs:
+        raise _fail("no input: pass texts, --pair FIRST SECOND, or lines on stdin.")
+    for row in model.classify(inputs):
         print(json.dumps(row))
 
 

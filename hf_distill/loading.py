@@ -42,8 +42,9 @@ def load_model(
     to ``from_pretrained`` (``dtype``, ``trust_remote_code``, ...).
 
     Raises:
-        ValueError: ``source`` is a file, a folder without ``config.json``/``adapter_config.json``, or an
-            architecture that is not sequence classification, token classification or causal LM.
+        ValueError: ``source`` is a file, a folder without ``config.json``/``adapter_config.json``, an
+            architecture that is not sequence classification, token classification or causal LM, or files that
+            cannot be read (corrupt or truncated weights, config or tokenizer) — one line naming the problem.
     """
     path = Path(source).expanduser()
     if path.is_file():
@@ -59,8 +60,24 @@ def load_model(
                 "trainer.save_model() / save_pretrained(), or the model object itself."
             )
         task = Task(task) if task is not None else _task_of_saved(str(source), purpose)
-        model = AUTO_CLASSES[task].from_pretrained(str(source), **model_kwargs)
+        model = _readable(source, "the model", lambda: AUTO_CLASSES[task].from_pretrained(str(source), **model_kwargs))
     return model, (load_tokenizer(path if path.is_dir() else str(source)) if with_tokenizer else None)
+
+
+def _readable(source: str | os.PathLike, what: str, load: Any) -> Any:
+    """``load()``, with any failure to read the files (safetensors, JSON, OS errors) as one clear ValueError."""
+    try:
+        return load()
+    except Exception as err:  # safetensors, tokenizers, json and the Hub client raise their own types
+        raise ValueError(_unreadable(source, what, err)) from err
+
+
+def _unreadable(source: str | os.PathLike, what: str, err: BaseException) -> str:
+    reason = (str(err).strip().splitlines() or [""])[0][:300]
+    return (
+        f"Cannot load {what} in {str(source)!r} ({type(err).__name__}: {reason}). The files are corrupt, incomplete "
+        "or not a transformers checkpoint: save the model again (save_pretrained / trainer.save_model)."
+    )
 
 
 def _looks_like_path(source: str) -> bool:
@@ -68,20 +85,39 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or os.path.isabs(source) or source.count("/") > 1 or "\\" in source
 
 
+# Files that mean "this folder has a tokenizer": a failure to load one is an error, not "no tokenizer".
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
 def load_tokenizer(source: str | os.PathLike) -> Any:
-    """The tokenizer saved with a model, or None when the folder holds none."""
+    """The tokenizer saved with a model, or None when the folder holds none.
+
+    Raises:
+        ValueError: the folder holds tokenizer files that cannot be loaded (corrupt or truncated).
+    """
     from transformers import AutoTokenizer
 
+    path = Path(source)
     try:
         return AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError, TypeError):
+    except Exception as err:  # tokenizers raises a plain Exception for a corrupt tokenizer.json
+        if path.is_dir() and any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ValueError(_unreadable(source, "the tokenizer", err)) from err
         return None
 
 
 def _task_of_saved(source: str, purpose: str) -> Task:
     from transformers import AutoConfig
 
-    architecture = (AutoConfig.from_pretrained(source).architectures or ["?"])[0]
+    config = _readable(Path(source) / "config.json", "config.json", lambda: AutoConfig.from_pretrained(source))
+    architecture = (config.architectures or ["?"])[0]
     return task_from_architecture(architecture, purpose)
 
 
@@ -93,7 +129,8 @@ def _load_adapter(folder: Path, task: Task | str | None, model_kwargs: dict[str,
         PeftConfig,
     )
 
-    task_type = str(PeftConfig.from_pretrained(str(folder)).task_type)
+    config = _readable(folder / ADAPTER_CONFIG, ADAPTER_CONFIG, lambda: PeftConfig.from_pretrained(str(folder)))
+    task_type = str(config.task_type)
     if task_type not in _PEFT_TASK_TYPES:
         raise ValueError(f"Cannot load a PEFT adapter of task type {task_type}; supported: {sorted(_PEFT_TASK_TYPES)}.")
     if task is not None and Task(task) is not _PEFT_TASK_TYPES[task_type]:
@@ -103,4 +140,5 @@ def _load_adapter(folder: Path, task: Task | str | None, model_kwargs: dict[str,
         Task.TOKEN_CLASSIFICATION: AutoPeftModelForTokenClassification,
         Task.CAUSAL_LM: AutoPeftModelForCausalLM,
     }
-    return loaders[_PEFT_TASK_TYPES[task_type]].from_pretrained(str(folder), **model_kwargs)
+    loader = loaders[_PEFT_TASK_TYPES[task_type]]
+    return _readable(folder, "the adapter", lambda: loader.from_pretrained(str(folder), **model_kwargs))

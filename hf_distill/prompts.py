@@ -153,9 +153,16 @@ def use_prompt(model: PeftModel, name: str) -> PeftModel:
 
 
 def prompt_embeddings(model: PeftModel, name: str | None = None) -> Any:
-    """The learned virtual-token embeddings ``[num_virtual_tokens, hidden]`` of a prompt-learning adapter."""
+    """The learned virtual-token embeddings ``[num_virtual_tokens, hidden]`` of a prompt-learning adapter.
+
+    What PEFT's forward prepends: in inference mode (a prompt loaded from disk, ``is_trainable=False``) the stored
+    embeddings, for every prompt method — a loaded p-tuning encoder has no MLP head, its saved output is the
+    prompt; in training mode the prompt encoder's output (p-tuning's MLP applied).
+    """
     name = name or model.active_adapter
     config = model.peft_config[name]
     if not config.is_prompt_learning or isinstance(config, PrefixTuningConfig):
         raise ValueError(f"Adapter {name!r} is {config.peft_type}; only prompt tuning / p-tuning have input prompts.")
+    if config.inference_mode:
+        return model.prompt_encoder[name].embedding.weight.detach()
     return model.get_prompt_embedding_to_save(name).detach()

@@ -118,3 +118,71 @@ def test_cli_errors_exit_nonzero_with_a_message(student_dir, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "hf_distill.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "export" in result.stdout and "bench" in result.stdout
+
+
+def _one_line_error(capsys, command, expected):
+    """The command exits 2 with one line on stderr naming the problem, and no traceback."""
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # progress bars share stderr
+    assert len(errors) == 1 and "Traceback" not in err and expected in errors[0], err
+    return errors[0]
+
+
+def test_bad_files_are_one_line_errors(student_dir, capsys, tmp_path):
+    import shutil
+
+    data = ["--data", str(student_dir / "dev.tsv")]
+    out = str(tmp_path / "o")
+    for name, content, expected in (
+        ("model.safetensors", b"\x00garbage", "Cannot load the model"),
+        ("config.json", b"{not json", "config.json"),
+        ("tokenizer.json", b"{not json", "Cannot load the tokenizer"),
+    ):
+        broken = tmp_path / f"broken_{name}"
+        shutil.copytree(student_dir / "s", broken)
+        (broken / name).write_bytes(content)
+        _one_line_error(capsys, ["export", str(broken), out, *data], expected)
+    (tmp_path / "bad.jsonl").write_text('{"sentence": "ok", "label": 1}\n{broken\n')
+    (tmp_path / "notadataset").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    for path, expected in (
+        (tmp_path / "bad.jsonl", "bad.jsonl"),
+        (tmp_path / "notadataset", "notadataset"),
+        (tmp_path / "notes.txt", "Unsupported data file"),
+    ):
+        _one_line_error(capsys, ["export", str(student_dir / "s"), out, "--data", str(path)], expected)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "bad.yaml").write_text("output_dir: [unclosed\n")
+    _one_line_error(capsys, ["run", str(tmp_path / "bad.yaml")], "is not valid YAML")
+    (tmp_path / "ok.yaml").write_text(f"output_dir: {tmp_path / 'run'}\n")
+    _one_line_error(capsys, ["run", str(tmp_path / "ok.yaml"), "--set", "seed=["], "A --set value is not valid YAML")
+
+
+def test_bench_on_a_corrupt_onnx_file_is_one_error_line(student_dir, capsys, tmp_path):
+    import shutil
+
+    export = tmp_path / "onnx"
+    assert (
+        main(
+            [
+                "export",
+                str(student_dir / "s"),
+                str(export),
+                "--variants",
+                "fp32",
+                "--max-metric-drop",
+                "100",
+                "--data",
+                str(student_dir / "dev.tsv"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    (export / "model.onnx").write_bytes(b"not an onnx file")
+    err = _one_line_error(
+        capsys, ["bench", str(export), "--seq-lens", "8", "--runs", "1", "--warmup", "0"], "model.onnx"
+    )
+    assert "corrupt" in err
+    shutil.rmtree(export)

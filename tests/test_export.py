@@ -236,3 +236,18 @@ def test_edge_runner_rejects_corrupted_model(text_export, edge_python, tmp_path)
         [edge_python, str(ROOT / "hf_distill" / "edge.py"), str(broken), "x"], capture_output=True, text=True
     )
     assert result.returncode != 0 and "truncated or corrupted" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["hf_distill_manifest.json", "tokenizer.json"])
+def test_edge_runner_rejects_corrupted_folder_files(text_export, edge_python, tmp_path, name):
+    import shutil
+
+    _, _, folder = text_export
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / name).write_text("{not json")
+    result = subprocess.run(
+        [edge_python, str(ROOT / "hf_distill" / "edge.py"), str(broken), "x"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and name in result.stderr and len(result.stderr.splitlines()) == 1

@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -77,11 +76,11 @@ def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
         import torch
 
         from hf_distill.export.inputs import input_names_for
-        from hf_distill.export.onnx import load_for_export
+        from hf_distill.export.plan import load_for_inference
 
         if spec["threads"]:
             torch.set_num_threads(spec["threads"])
-        model, _ = load_for_export(spec["path"])
+        model = load_for_inference(spec["path"])
         names = input_names_for(model)
 
         def runner(feed: dict[str, np.ndarray]) -> Any:
@@ -98,7 +97,10 @@ def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
         options = ort.SessionOptions()
         if spec["threads"]:
             options.intra_op_num_threads = spec["threads"]
-        session = ort.InferenceSession(spec["path"], options, providers=[spec["provider"]])
+        try:
+            session = ort.InferenceSession(spec["path"], options, providers=[spec["provider"]])
+        except Exception as err:  # onnxruntime's own exception types do not cross the process boundary cleanly
+            raise ValueError(f"Cannot load {spec['path']} in onnxruntime ({type(err).__name__}): {err}") from None
         shapes = {i.name: i.shape for i in session.get_inputs()}
         names = [n for n in shapes if n != "prompt_embeds"]
         # A prompt-as-input export: latency does not depend on the prompt's values.
@@ -159,48 +161,104 @@ def benchmark(
     Writes ``bench.json``, ``bench.md`` and ``bench.png`` into ``output_dir`` (default: the export folder) and
     returns the same data. Metrics come from the export report (ONNX variants, PyTorch student) and
     ``teacher_metric`` (the teacher).
+
+    Raises:
+        ValueError: before anything runs — no export report, unknown or failed variants, an unreadable ``.onnx``
+            file, a student/teacher folder without a model, or a grid longer than the graph's usable positions.
     """
     export_dir = Path(export_dir)
-    report_path = export_dir / "export_report.json"
-    if not report_path.is_file():
-        raise ValueError(
-            f"{str(export_dir)!r} holds no export_report.json: pass a folder written by export_onnx / "
-            "`hf-distill export`."
-        )
-    report = json.loads(report_path.read_text())
-    available = {r["variant"]: r for r in report["variants"] if r["passed"]}
-    chosen = list(variants or available)
-    missing = [v for v in chosen if v not in available]
-    if missing:
-        raise ValueError(
-            f"Variants {missing} are not in {export_dir} (or failed their gate); available: {sorted(available)}."
-        )
+    report, chosen = _read_export(export_dir, variants)
     for name, folder in (("student", student), ("teacher", teacher)):
         if folder is not None and not (Path(folder) / "config.json").is_file():
             raise ValueError(f"The {name} folder {str(folder)!r} holds no saved model (config.json missing).")
     if min(batch_sizes) < 1 or min(seq_lens) < 1 or runs < 1:
         raise ValueError("batch sizes, sequence lengths and runs must be >= 1.")
-    config = json.loads((export_dir / "config.json").read_text())
-    max_positions = usable_positions(SimpleNamespace(**config), default=max(seq_lens))
+    max_positions = export_positions(export_dir)
     if max(seq_lens) > max_positions:
-        raise ValueError(f"Sequence length {max(seq_lens)} exceeds the model's {max_positions} positions.")
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"] + (
-        ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
-    )
+        raise ValueError(
+            f"Sequence length {max(seq_lens)} exceeds this export's {max_positions} usable positions "
+            "(position table less any offset and soft prompt); pass shorter --seq-lens."
+        )
     common = {
         "batch_sizes": list(batch_sizes),
         "seq_lens": list(seq_lens),
         "warmup": warmup,
         "runs": runs,
         "threads": threads,
-        "vocab": config.get("vocab_size", 1000),
+        "vocab": json.loads((export_dir / "config.json").read_text()).get("vocab_size", 1000),
     }
-    reference = report["reference"]
-    specs: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    pytorch_models = (("teacher", teacher, teacher_metric), ("student", student, reference["value"]))
-    for name, folder, metric_value in pytorch_models:
+    specs = _pytorch_specs(report["reference"], student, teacher, teacher_metric, common)
+    specs += _onnx_specs(export_dir, {r["variant"]: r for r in report["variants"]}, chosen, common)
+    rows: list[dict[str, Any]] = []
+    for spec, meta in specs:
+        logger.info("benchmarking %s %s", meta["engine"], meta["variant"])
+        print(f"[bench] {meta['engine']} {meta['variant']} ...", flush=True)
+        rows += [{**meta, **m} for m in measure_in_fresh_process(spec)]
+    result = {"machine": machine_info(threads), "rows": rows, "warmup": warmup, "runs": runs}
+    result["warnings"] = _int8_warnings(rows)
+    _write_results(result, Path(output_dir) if output_dir is not None else export_dir)
+    return result
+
+
+def _read_export(export_dir: Path, variants: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """The export report and the variants to run (default: all that passed), each file checked to be readable."""
+    report_path = export_dir / "export_report.json"
+    if not report_path.is_file():
+        raise ValueError(
+            f"{str(export_dir)!r} holds no export_report.json: pass a folder written by export_onnx / "
+            "`hf-distill export`."
+        )
+    try:
+        report = json.loads(report_path.read_text())
+        available = {r["variant"]: r for r in report["variants"] if r["passed"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{report_path} is not a valid export report ({type(err).__name__}: {err}).") from err
+    chosen = list(variants or available)
+    missing = [v for v in chosen if v not in available]
+    if missing:
+        raise ValueError(
+            f"Variants {missing} are not in {export_dir} (or failed their gate); available: {sorted(available)}."
+        )
+    for variant in chosen:
+        check_onnx_file(export_dir / available[variant]["file"])
+    return report, chosen
+
+
+def check_onnx_file(path: Path) -> None:
+    """Parse an ONNX file's graph (not its external weights) so that a corrupt file is an error before any run.
+
+    Raises:
+        ValueError: the file is missing, truncated or not ONNX.
+    """
+    import onnx
+
+    try:
+        if not onnx.load(str(path), load_external_data=False).graph.node:
+            raise ValueError("the graph has no nodes")
+    except Exception as err:  # protobuf's DecodeError, OSError, ...
+        raise ValueError(
+            f"Cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): the file "
+            "is missing, truncated or corrupt. Re-run `hf-distill export` or copy the folder again."
+        ) from err
+
+
+def export_positions(export_dir: Path) -> int:
+    """Longest input the exported graph takes: the manifest's ``max_positions`` (older exports: from config.json)."""
+    manifest_path = export_dir / "hf_distill_manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("max_positions"):
+        return int(manifest["max_positions"])
+    from transformers import AutoConfig  # its attribute map knows GPT-2's n_positions and the like
+
+    virtual = (manifest.get("prompt") or {}).get("num_virtual_tokens", 0)
+    return usable_positions(AutoConfig.from_pretrained(str(export_dir)), default=10**9) - virtual
+
+
+def _pytorch_specs(
+    reference: dict[str, Any], student: Any, teacher: Any, teacher_metric: float | None, common: dict[str, Any]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    specs = []
+    for name, folder, metric_value in (("teacher", teacher, teacher_metric), ("student", student, reference["value"])):
         if folder is not None:
             meta = {
                 "engine": "pytorch",
@@ -210,43 +268,42 @@ def benchmark(
                 "metric_value": metric_value,
             }
             specs.append(({"engine": "pytorch", "path": str(folder), **common}, meta))
+    return specs
+
+
+def _onnx_specs(
+    export_dir: Path, rows: dict[str, dict[str, Any]], chosen: list[str], common: dict[str, Any]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"] + (
+        ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
+    )
+    specs = []
     for variant in chosen:
-        row = available[variant]
+        row = rows[variant]
         for provider in providers:
-            specs.append(
-                (
-                    {"engine": "onnxruntime", "path": str(export_dir / row["file"]), "provider": provider, **common},
-                    {
-                        "engine": f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}",
-                        "variant": variant,
-                        "size_mb": row["size_bytes"] / 1e6,
-                        "metric": row["metric"],
-                        "metric_value": row["metric_value"],
-                    },
-                )
-            )
-    rows: list[dict[str, Any]] = []
-    for spec, meta in specs:
-        logger.info("benchmarking %s %s", meta["engine"], meta["variant"])
-        print(f"[bench] {meta['engine']} {meta['variant']} ...", flush=True)
-        rows += [{**meta, **m} for m in measure_in_fresh_process(spec)]
-    result = {
-        "machine": machine_info(threads),
-        "rows": rows,
-        "warmup": warmup,
-        "runs": runs,
-        "warnings": _int8_warnings(rows),
-    }
-    out = Path(output_dir) if output_dir is not None else export_dir
+            meta = {
+                "engine": f"onnxruntime-{provider.replace('ExecutionProvider', '').lower()}",
+                "variant": variant,
+                "size_mb": row["size_bytes"] / 1e6,
+                "metric": row["metric"],
+                "metric_value": row["metric_value"],
+            }
+            spec = {"engine": "onnxruntime", "path": str(export_dir / row["file"]), "provider": provider, **common}
+            specs.append((spec, meta))
+    return specs
+
+
+def _write_results(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(to_markdown(result))
-    plot(rows, out / "bench.png")
+    plot(result["rows"], out / "bench.png")
     for warning in result["warnings"]:
         logger.warning(warning)
         print(f"[bench] warning: {warning}")
     print(to_markdown(result, short=True))
-    return result
 
 
 def _int8_warnings(rows: list[dict[str, Any]]) -> list[str]:

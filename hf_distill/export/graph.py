@@ -11,11 +11,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from hf_distill.export.inputs import input_names_for, usable_positions
+from hf_distill.export.inputs import graph_positions, input_names_for, reads_last_position
 from hf_distill.tasks import Task, infer_task
 
 logger = logging.getLogger(__name__)
 _TWO_GB = 2 * 1024**3
+
+
+def last_attended(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` index of each row's last attended position (left or right padding alike)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
 
 
 class _LogitsOnly(nn.Module):
@@ -24,6 +30,8 @@ class _LogitsOnly(nn.Module):
     With a soft prompt it does what PEFT's prompt-learning forward does: prepend the prompt embeddings to the input
     embeddings, extend the attention mask (and token types), and, for per-token outputs, drop the virtual positions.
     The prompt is a constant of the graph (``prompt_as_input=False``) or its input ``prompt_embeds``.
+    A decoder classifier is read at the last attended position (see ``reads_last_position``), so a right-padded
+    row scores as it would alone.
     """
 
     def __init__(self, model: PreTrainedModel, prompt: torch.Tensor | None = None, prompt_as_input: bool = False):
@@ -31,6 +39,7 @@ class _LogitsOnly(nn.Module):
         self.model, self.prompt_as_input = model, prompt_as_input
         self.baked = None if prompt is None or prompt_as_input else nn.Parameter(prompt, requires_grad=False)
         self.causal = infer_task(model) is Task.CAUSAL_LM
+        self.last_position = reads_last_position(model)
 
     def forward(
         self,
@@ -39,21 +48,31 @@ class _LogitsOnly(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"use_cache": False} if self.causal else {}
+        kwargs: dict[str, Any] = {"use_cache": False} if self.causal or self.last_position else {}
         prompt = prompt_embeds if self.prompt_as_input else self.baked
+        virtual = 0 if prompt is None else prompt.shape[0]
         if prompt is None:
             kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            return self.model(**kwargs).logits
-        batch, virtual = input_ids.shape[0], prompt.shape[0]
-        embeds = self.model.get_input_embeddings()(input_ids)
-        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1), embeds], 1)
-        kwargs["attention_mask"] = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], 1)
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, virtual), token_type_ids], 1)
+        else:
+            batch = input_ids.shape[0]
+            embeds = self.model.get_input_embeddings()(input_ids)
+            prompts = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            kwargs["inputs_embeds"] = torch.cat([prompts, embeds], 1)
+            kwargs["attention_mask"] = torch.cat([attention_mask.new_ones(batch, virtual), attention_mask], 1)
+        if token_type_ids is not None:  # the virtual positions belong to the first segment, as in PEFT
+            zeros = token_type_ids.new_zeros(token_type_ids.shape[0], virtual)
+            kwargs["token_type_ids"] = torch.cat([zeros, token_type_ids], 1) if virtual else token_type_ids
+        if self.last_position:
+            return self._score_last_attended(kwargs)
         logits = self.model(**kwargs).logits
         return logits[:, virtual:] if logits.dim() == 3 else logits
+
+    def _score_last_attended(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The classifier head (``score``) on the backbone's hidden state at each row's last attended position."""
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(**kwargs).last_hidden_state
+        last = last_attended(kwargs["attention_mask"])
+        return self.model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
 
 def export_graph(
@@ -91,30 +110,9 @@ def _export_graph(
     kwargs = {n: sample[n] for n in names}
     wrapper = _LogitsOnly(model, prompt, prompt_as_input).eval()
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _TWO_GB * 0.9
-    logits_axes = {0: "batch"} if infer_task(model) is Task.SEQUENCE_CLASSIFICATION else {0: "batch", 1: "sequence"}
-    token_inputs = [n for n in names if n != "prompt_embeds"]
     try:
-        virtual = 0 if prompt is None else prompt.shape[0]
-        max_positions = usable_positions(model.config) - virtual
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        seq = torch.export.Dim("sequence", min=1, max=max_positions)
-        shapes = {n: ({0: batch, 1: seq} if n in token_inputs else None) for n in names}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper,
-                (),
-                path,
-                kwargs=kwargs,
-                dynamo=True,
-                input_names=names,
-                output_names=["logits"],
-                dynamic_shapes=shapes,
-                opset_version=opset,
-                external_data=big,
-                optimize=True,
-                verbose=False,
-            )
+        max_positions = graph_positions(model.config, 0 if prompt is None else prompt.shape[0])
+        _export_dynamo(wrapper, path, kwargs, opset, max_positions, big)
         return "dynamo"
     except Exception as err:  # the fallback exists for whatever torch.export cannot trace
         logger.warning(
@@ -124,6 +122,47 @@ def _export_graph(
         )
     for leftover in Path(path).parent.glob(Path(path).name + "*"):
         leftover.unlink()
+    per_token = infer_task(model) is not Task.SEQUENCE_CLASSIFICATION
+    _export_torchscript(wrapper, path, kwargs, opset, per_token)
+    if big:
+        import onnx
+
+        onnx.save(onnx.load(path), path, save_as_external_data=True, location=Path(path).name + ".data")
+    return "torchscript"
+
+
+def _token_inputs(kwargs: dict[str, Any]) -> list[str]:
+    return [n for n in kwargs if n != "prompt_embeds"]
+
+
+def _export_dynamo(
+    wrapper: nn.Module, path: str, kwargs: dict[str, Any], opset: int, max_positions: int, big: bool
+) -> None:
+    """torch.export with dynamic batch and sequence axes (the sequence up to the graph's usable positions)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("sequence", min=1, max=max_positions)
+    shapes = {n: ({0: batch, 1: seq} if n in _token_inputs(kwargs) else None) for n in kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (),
+            path,
+            kwargs=kwargs,
+            dynamo=True,
+            input_names=list(kwargs),
+            output_names=["logits"],
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            external_data=big,
+            optimize=True,
+            verbose=False,
+        )
+
+
+def _export_torchscript(wrapper: nn.Module, path: str, kwargs: dict[str, Any], opset: int, per_token: bool) -> None:
+    """The TorchScript exporter (opset <= 17), for graphs torch.export cannot trace."""
+    logits_axes = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -132,13 +171,8 @@ def _export_graph(
             path,
             kwargs=kwargs,
             dynamo=False,
-            input_names=names,
+            input_names=list(kwargs),
             output_names=["logits"],
-            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in token_inputs}, "logits": logits_axes},
+            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in _token_inputs(kwargs)}, "logits": logits_axes},
             opset_version=min(opset, 17),
         )
-    if big:
-        import onnx
-
-        onnx.save(onnx.load(path), path, save_as_external_data=True, location=Path(path).name + ".data")
-    return "torchscript"

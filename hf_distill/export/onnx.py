@@ -19,51 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from hf_distill.data import AUTO
+from hf_distill.export.batches import EvalBatches, make_batches
 from hf_distill.export.graph import export_graph
-from hf_distill.export.inputs import input_names_for, pad_id, usable_positions
-from hf_distill.export.validate import (
-    EvalBatches,
-    GateError,
-    evaluate_torch,
-    make_batches,
-    validate_variant,
-)
+from hf_distill.export.inputs import input_names_for, pad_id, tokenization_rule, write_tokenization_rule
+from hf_distill.export.plan import ExportPlan, eval_mode, load_for_export
+from hf_distill.export.validate import GateError, Reference, evaluate_torch, validate_variant, variant_table
 from hf_distill.export.variants import INT8_LADDER, VARIANT_FILES, build_variant
-from hf_distill.loading import load_model
-from hf_distill.prompts import check_peft_combination, prompt_embeddings
-from hf_distill.tasks import Task, infer_task
+from hf_distill.tasks import Task
 
 logger = logging.getLogger(__name__)
 MANIFEST = "hf_distill_manifest.json"
 REPORT = "export_report.json"
 DEFAULT_VARIANTS = ("fp32", "fp32_optimized", "int8_dynamic")
-
-
-def load_for_export(model_or_dir: PreTrainedModel | nn.Module | str | os.PathLike) -> tuple[PreTrainedModel, Any]:
-    """The model (PEFT LoRA merged) and, for a folder, its tokenizer. Prompt-learning PEFT models stay wrapped."""
-    tokenizer = None
-    if isinstance(model_or_dir, (str, os.PathLike)):
-        model, tokenizer = load_model(model_or_dir, purpose="export")
-    else:
-        model = model_or_dir
-    config = getattr(model, "active_peft_config", None)
-    if config is not None and not config.is_prompt_learning:
-        model = model.merge_and_unload()  # LoRA & co: fold the adapter into the weights
-    elif config is not None:
-        check_peft_combination(model)
-        if type(config).__name__ == "PrefixTuningConfig":
-            raise ValueError(
-                "Prefix tuning lives in the attention cache, which the exported graph does not take; "
-                "export prompt-tuned, p-tuned or LoRA students."
-            )
-        return model.eval(), tokenizer
-    if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"export_onnx needs a transformers PreTrainedModel or its folder, got {type(model).__name__}.")
-    return model.eval(), tokenizer
 
 
 def export_onnx(
@@ -76,6 +47,7 @@ def export_onnx(
     tokenizer: Any = None,
     text_column: str = "sentence",
     label_column: str = "label",
+    text_pair_column: str | None = AUTO,
     num_validation: int = 256,
     num_calibration: int = 64,
     max_length: int = 128,
@@ -89,18 +61,56 @@ def export_onnx(
     """Export a student to ONNX variants, validate each on real data, and write the folder atomically.
 
     ``validation_data`` (and ``calibration_data`` for ``int8_static``; default: the validation data) is a
-    ``datasets.Dataset`` with raw text (``text_column``, ``label_column``) or tokenized ``input_ids`` (+ ``labels``).
-    Each variant's task metric is compared with PyTorch's: a drop above ``max_metric_drop`` points (accuracy) or
-    percent (perplexity) fails it; ``int8_dynamic`` climbs a fallback ladder first. A failed gate raises
-    :class:`GateError` unless ``fail_on_gate=False`` (then the report marks it ``passed: false``).
-    Prompt-tuned / p-tuned PEFT students export with their learned prompt ``prompt_mode="baked"`` into the graph, or
-    as its input ``prompt_embeds`` (``"input"``: one backbone serves every task prompt; the prompt is saved under
-    ``prompts/``). Returns the report (also written as ``export_report.json``).
+    ``datasets.Dataset`` with raw text (``text_column``, ``label_column``; sentence pairs: ``text_pair_column``,
+    "auto" finds GLUE's pair names, see :func:`hf_distill.data.text_columns`) or tokenized ``input_ids`` (+
+    ``token_type_ids``, ``labels``). Each variant's task metric is compared with the trained model's in PyTorch: a
+    drop above ``max_metric_drop`` points (accuracy, regression R²) or percent (perplexity), or any NaN/inf output,
+    fails it; ``int8_dynamic`` climbs a fallback ladder first. A failed gate raises :class:`GateError` unless
+    ``fail_on_gate=False`` (then the report marks it ``passed: false`` with a ``reason``).
+    LoRA-style adapters are merged into a copy (the caller's model is not changed). Prompt-tuned / p-tuned PEFT
+    students export with their learned prompt ``prompt_mode="baked"`` into the graph, or as its input
+    ``prompt_embeds`` (``"input"``: one backbone serves every task prompt; the prompt is saved under ``prompts/``).
+    Inputs are truncated to ``min(max_length, positions the model can use)``. Returns the report (also written as
+    ``export_report.json``).
+
+    Raises:
+        ValueError: bad arguments or data, a model that gives NaN/inf in PyTorch, an adapter that does not merge
+            faithfully — all before anything is written. :class:`GateError` (a ValueError) for a failed gate.
     """
+    output_dir = Path(output_dir)
+    _check_arguments(variants, output_dir, overwrite, prompt_mode)
+    loaded, folder_tokenizer = load_for_export(model_or_dir)
+    with eval_mode(loaded):
+        plan = ExportPlan.create(loaded, tokenizer or folder_tokenizer, prompt_mode, max_length)
+        if "int4" in variants and plan.task is not Task.CAUSAL_LM:
+            raise ValueError("int4 weight-only quantization (MatMulNBits) targets decoder LMs; for encoders use int8.")
+        options = {
+            "text_column": text_column,
+            "label_column": label_column,
+            "text_pair_column": text_pair_column,
+            "max_length": plan.max_length,
+            "batch_size": batch_size,
+        }
+        batches = _batches(plan, validation_data, num_validation, options)
+        calibration = batches
+        if "int8_static" in variants and calibration_data is not None:
+            calibration = _batches(plan, calibration_data, num_calibration, options)
+        reference = evaluate_torch(plan.reference, batches, plan.task, virtual_tokens=plan.virtual_tokens)
+        plan.merge(batches, reference, in_place=isinstance(model_or_dir, (str, os.PathLike)))
+        gate = _Gate(batches, calibration, reference, num_calibration, max_metric_drop)
+        report = _write_atomically(output_dir, plan, variants, gate, opset, fail_on_gate)
+    logger.info("Exported %s to %s", [r["variant"] for r in report["variants"]], output_dir)
+    return report
+
+
+def _batches(plan: ExportPlan, data: Any, limit: int, options: dict[str, Any]) -> EvalBatches:
+    return plan.with_prompt(make_batches(data, plan.tokenizer, plan.model, plan.task, limit=limit, **options))
+
+
+def _check_arguments(variants: Sequence[str], output_dir: Path, overwrite: bool, prompt_mode: str) -> None:
     unknown = [v for v in variants if v not in VARIANT_FILES]
     if unknown or not variants:
         raise ValueError(f"Unknown variants {unknown or variants}; choose from {sorted(VARIANT_FILES)}.")
-    output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(
             f"{str(output_dir)!r} exists and is not empty; pass overwrite=True (--force) or another "
@@ -108,29 +118,27 @@ def export_onnx(
         )
     if prompt_mode not in ("baked", "input"):
         raise ValueError(f"prompt_mode must be 'baked' or 'input', got {prompt_mode!r}.")
-    loaded, folder_tokenizer = load_for_export(model_or_dir)
-    plan = ExportPlan.create(loaded, tokenizer or folder_tokenizer, prompt_mode, max_length)
-    if "int4" in variants and plan.task is not Task.CAUSAL_LM:
-        raise ValueError("int4 weight-only quantization (MatMulNBits) targets decoder LMs; for encoders use int8.")
-    # Data problems surface before any export work.
-    options = {
-        "text_column": text_column,
-        "label_column": label_column,
-        "max_length": plan.max_length,
-        "batch_size": batch_size,
-    }
-    batches = plan.with_prompt(
-        make_batches(validation_data, plan.tokenizer, plan.model, plan.task, limit=num_validation, **options)
-    )
-    calibration = batches
-    if "int8_static" in variants and calibration_data is not None:
-        calibration = plan.with_prompt(
-            make_batches(calibration_data, plan.tokenizer, plan.model, plan.task, limit=num_calibration, **options)
-        )
+
+
+@dataclass
+class _Gate:
+    """The accuracy gate's inputs: validation and calibration batches, the PyTorch reference, the allowed drop."""
+
+    batches: EvalBatches
+    calibration: EvalBatches
+    reference: Reference
+    num_calibration: int
+    max_metric_drop: float
+
+
+def _write_atomically(
+    output_dir: Path, plan: ExportPlan, variants: Sequence[str], gate: _Gate, opset: int, fail_on_gate: bool
+) -> dict[str, Any]:
+    """Export into a temporary sibling folder and move it into place only when the gate allows."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        report = _export_into(staging, plan, variants, batches, calibration, num_calibration, max_metric_drop, opset)
+        report = _export_into(staging, plan, variants, gate, opset)
         failed = [row["variant"] for row in report["variants"] if not row["passed"]]
         if failed and fail_on_gate:
             raise GateError(failed, report)
@@ -140,128 +148,99 @@ def export_onnx(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Exported %s to %s", [r["variant"] for r in report["variants"]], output_dir)
     return report
 
 
-@dataclass
-class ExportPlan:
-    """What gets exported: the transformers model, its reference (a PEFT model, if any) and its soft prompt."""
-
-    model: PreTrainedModel  # the graph's backbone
-    reference: nn.Module  # the model whose outputs the export must reproduce
-    tokenizer: Any
-    task: Task
-    max_length: int  # longest input, after the virtual tokens' share of the positions
-    prompt: torch.Tensor | None = None
-    prompt_as_input: bool = False
-    adapter: str = "default"
-
-    @classmethod
-    def create(cls, loaded: nn.Module, tokenizer: Any, prompt_mode: str, max_length: int) -> ExportPlan:
-        task = infer_task(loaded)
-        if getattr(loaded, "active_peft_config", None) is None:
-            return cls(loaded, loaded, tokenizer, task, min(max_length, usable_positions(loaded.config, max_length)))
-        prompt = prompt_embeddings(loaded).float().cpu()
-        base = loaded.base_model
-        budget = usable_positions(base.config, 10**9) - prompt.shape[0]
-        if budget < 1:
-            raise ValueError(f"The prompt's {prompt.shape[0]} virtual tokens leave no room for input positions.")
-        return cls(
-            base,
-            loaded,
-            tokenizer,
-            task,
-            min(max_length, budget),
-            prompt,
-            prompt_mode == "input",
-            loaded.active_adapter,
-        )
-
-    def with_prompt(self, batches: EvalBatches) -> EvalBatches:
-        if self.prompt_as_input:
-            for feed in batches.inputs:
-                feed["prompt_embeds"] = self.prompt.numpy()
-        return batches
-
-
-def _export_into(
-    folder: Path,
-    plan: ExportPlan,
-    variants: Sequence[str],
-    batches: EvalBatches,
-    calibration: EvalBatches,
-    num_calibration: int,
-    max_metric_drop: float,
-    opset: int,
-) -> dict[str, Any]:
-    virtual = 0 if plan.prompt is None else plan.prompt.shape[0]
-    reference = evaluate_torch(plan.reference, batches, plan.task, virtual_tokens=virtual)
+def _export_into(folder: Path, plan: ExportPlan, variants: Sequence[str], gate: _Gate, opset: int) -> dict[str, Any]:
+    """Write the fp32 graph, every variant (validated), the tokenizer, prompt, manifest and report into ``folder``."""
     base = str(folder / VARIANT_FILES["fp32"])
     exporter = export_graph(plan.model, base, opset, plan.prompt, plan.prompt_as_input)
-    plan.model.config.save_pretrained(folder)
-    if plan.tokenizer is not None:
-        plan.tokenizer.save_pretrained(folder)
-    rows = []
-    for variant in variants:
-        attempts = []
-        for rung in INT8_LADDER if variant == "int8_dynamic" else (None,):
-            built = build_variant(variant, base, folder, plan.model, calibration, num_calibration, rung)
-            row = validate_variant(built, folder, batches, reference, plan.task, max_metric_drop)
-            attempts.append({"settings": built.settings, "metric_drop": row["metric_drop"], "passed": row["passed"]})
-            if row["passed"]:
-                break
-        rows.append({**row, "exporter": exporter, "attempts": attempts})
-        logger.info(
-            "%s: %s=%.4f (drop %.2f) max|Δ|=%.2e -> %s",
-            variant,
-            row["metric"],
-            row["metric_value"],
-            row["metric_drop"],
-            row["max_abs_diff"],
-            "pass" if row["passed"] else "FAIL",
-        )
+    rule = _save_preprocessing(folder, plan)
+    rows = [{**_build_and_validate(variant, base, folder, plan, gate), "exporter": exporter} for variant in variants]
     if "fp32" not in variants:
         os.remove(base)
-    prompt_info = None
-    if plan.prompt is not None:
-        prompt_info = {
-            "mode": "input" if plan.prompt_as_input else "baked",
-            "num_virtual_tokens": virtual,
-            "adapter": plan.adapter,
-        }
-        if plan.prompt_as_input:
-            (folder / "prompts").mkdir()
-            np.save(folder / "prompts" / f"{plan.adapter}.npy", plan.prompt.numpy())
-            prompt_info["default_file"] = f"prompts/{plan.adapter}.npy"
     report = {
         "task": plan.task.value,
         "exporter": exporter,
-        "reference": reference.as_dict(),
-        "max_metric_drop": max_metric_drop,
-        "num_validation_examples": batches.num_examples,
+        "reference": gate.reference.as_dict(),
+        "max_metric_drop": gate.max_metric_drop,
+        "num_validation_examples": gate.batches.num_examples,
+        "text_columns": gate.batches.text_columns,
         "variants": rows,
     }
+    manifest = _manifest(folder, plan, rows, rule, gate.batches)
+    manifest.update(exporter=exporter, opset=opset, prompt=_save_prompt(folder, plan))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (folder / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False))
+    return report
+
+
+def _build_and_validate(variant: str, base: str, folder: Path, plan: ExportPlan, gate: _Gate) -> dict[str, Any]:
+    """Build ``variant`` (climbing the int8 ladder until a rung passes) and return its validated report row."""
+    attempts = []
+    for rung in INT8_LADDER if variant == "int8_dynamic" else (None,):
+        built = build_variant(variant, base, folder, plan.model, gate.calibration, gate.num_calibration, rung)
+        row = validate_variant(built, folder, gate.batches, gate.reference, plan.task, gate.max_metric_drop)
+        attempts.append({"settings": built.settings, "metric_drop": row["metric_drop"], "passed": row["passed"]})
+        if row["passed"]:
+            break
+    logger.info("%s", variant_table([row], row["metric"]).splitlines()[-1])
+    return {**row, "attempts": attempts}
+
+
+def _save_preprocessing(folder: Path, plan: ExportPlan) -> dict[str, Any] | None:
+    """config.json and the tokenizer, whose tokenizer.json gets the export's padding/truncation rule."""
+    plan.model.config.save_pretrained(folder)
+    if plan.tokenizer is None:
+        return None
+    plan.tokenizer.save_pretrained(folder)
+    rule = tokenization_rule(plan.tokenizer, plan.model.config, plan.max_length)
+    if (folder / "tokenizer.json").is_file():
+        write_tokenization_rule(folder / "tokenizer.json", rule)
+    return rule
+
+
+def _save_prompt(folder: Path, plan: ExportPlan) -> dict[str, Any] | None:
+    """The manifest's prompt section; a prompt-as-input export also gets its prompt as ``prompts/<adapter>.npy``."""
+    if plan.prompt is None:
+        return None
+    info = {
+        "mode": "input" if plan.prompt_as_input else "baked",
+        "num_virtual_tokens": plan.virtual_tokens,
+        "adapter": plan.adapter,
+    }
+    if plan.prompt_as_input:
+        (folder / "prompts").mkdir()
+        np.save(folder / "prompts" / f"{plan.adapter}.npy", plan.prompt.numpy())
+        info["default_file"] = f"prompts/{plan.adapter}.npy"
+    return info
+
+
+def _manifest(
+    folder: Path, plan: ExportPlan, rows: list[dict[str, Any]], rule: dict[str, Any] | None, batches: EvalBatches
+) -> dict[str, Any]:
+    """What the torch-free edge runner reads: inputs, variants, limits, the tokenizer rule, labels."""
+    classifier = plan.task is Task.SEQUENCE_CLASSIFICATION
     id2label = plan.model.config.id2label or {}
-    manifest = {
+    return {
         "format": "hf_distill-onnx/1",
         "task": plan.task.value,
+        "problem_type": ("regression" if plan.regression else "single_label_classification") if classifier else None,
         "inputs": input_names_for(plan.model, plan.prompt_as_input),
         "outputs": ["logits"],
         "variants": {r["variant"]: r["file"] for r in rows if r["passed"]},
         "default_variant": _default_variant(rows),
         "max_length": int(plan.max_length),
-        "prompt": prompt_info,
-        "id2label": {str(k): v for k, v in id2label.items()} if plan.task is not Task.CAUSAL_LM else {},
+        "max_positions": int(plan.max_positions),
+        "tokenization": rule,
+        "text_columns": batches.text_columns,
+        "id2label": {str(k): v for k, v in id2label.items()}
+        if plan.task is not Task.CAUSAL_LM and not plan.regression
+        else {},
         "pad_token_id": pad_id(plan.tokenizer, plan.model.config),
         "eos_token_id": getattr(plan.model.config, "eos_token_id", None),
         "tokenizer": "tokenizer.json" if (folder / "tokenizer.json").is_file() else None,
-        "exporter": exporter,
-        "opset": opset,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (folder / REPORT).write_text(json.dumps(report, indent=2))
-    return report
 
 
 def _default_variant(rows: list[dict[str, Any]]) -> str | None:

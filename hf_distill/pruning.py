@@ -143,13 +143,11 @@ def _pad_rows(rows: dict[str, list], columns: list[str], pad_id: int) -> dict[st
     """A padded batch from a dataset slice; a missing attention mask marks every given token as real."""
     ids = rows["input_ids"]
     width = max(len(r) for r in ids)
-    masks = rows.get("attention_mask") or [[1] * len(r) for r in ids]
+    source = {"attention_mask": [[1] * len(r) for r in ids], **rows}
     fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
-    source = {**rows, "attention_mask": masks}
     return {
-        k: torch.tensor([list(r) + [fill[k]] * (width - len(r)) for r in source[k]])
-        for k in [*columns, "attention_mask"]
-        if k in source
+        k: torch.tensor([[int(t) for t in r] + [fill[k]] * (width - len(r)) for r in source[k]])
+        for k in dict.fromkeys([*columns, "attention_mask"])
     }
 
 

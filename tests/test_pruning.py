@@ -25,7 +25,7 @@ from hf_distill import DistillationConfig, DistillationTrainer, create_student
 from hf_distill.cache import pad_batch
 from hf_distill.export.onnx import export_onnx
 from hf_distill.intermediate import IntermediateMatcher
-from hf_distill.pruning import Importance, Widths, choose_units
+from hf_distill.pruning import Importance, Widths, calibration_batches, choose_units
 from hf_distill.tasks import infer_task
 
 IDS = torch.randint(3, 20, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -278,3 +278,18 @@ def test_pruned_student_distils_with_hidden_and_attention_defaults(tmp_path):
     trainer.train()
     logged = [row for row in trainer.state.log_history if "hidden_loss" in row]
     assert logged and all(math.isfinite(row["hidden_loss"]) and row["attention_loss"] >= 0 for row in logged)
+
+
+def test_calibration_data_as_dataset_list_of_dicts_or_without_mask_give_the_same_student():
+    teacher = tiny_bert(num_layers=2)
+    reference = create_student(teacher, hidden_size=16, calibration_data=CALIBRATION, calibration_batch_size=8)
+    batches = calibration_batches(CALIBRATION, teacher, 0, batch_size=8, max_batches=32)
+    as_lists = [{k: v.tolist() for k, v in b.items()} for b in batches]
+    for data in (as_lists, CALIBRATION.remove_columns("attention_mask")):
+        student = create_student(teacher, hidden_size=16, calibration_data=data, calibration_batch_size=8)
+        expected = reference.state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in student.state_dict().items())
+    with pytest.raises(ValueError, match="Every calibration batch needs input_ids"):
+        create_student(teacher, hidden_size=16, calibration_data=[{"attention_mask": [[1, 1]]}])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        create_student(teacher, hidden_size=16, calibration_data=CALIBRATION, num_calibration_batches=0)

@@ -2,11 +2,12 @@
 
 For each ``LAYERSxHIDDEN`` in --configs, a student is made with `create_student` (layers chosen uniformly; when
 HIDDEN is below the teacher's 384, hidden channels, heads and MLP neurons pruned by activation importance on
---calibration training sentences), distilled with `DistillationTrainer` (KD on logits, alpha 0.5, T 2; the main
-pipeline's budget: the --train_size sentences, one epoch, lr 1e-4, batch 32), evaluated on SST-2 dev, exported with
-`export_onnx(variants=["fp32", "int8_dynamic"])` (gate: --max_metric_drop on the full dev set), and timed at batch 1,
-sequence 64 (p50; PyTorch eager fp32 of the teacher and the student, the student's int8 ONNX), each engine in a fresh
-process, in --rounds interleaved rounds. Prints a Markdown table and the CPU, and writes JSON to --output.
+--calibration training sentences), distilled with `DistillationTrainer` (KD on logits, alpha 0.5, T 2, one epoch,
+lr 1e-4, batch 32; by default on the teacher's --train_size sentences, the main pipeline's budget, or on the first
+--student_train_size of them), evaluated on SST-2 dev, exported with `export_onnx(variants=["fp32", "int8_dynamic"])`
+(gate: --max_metric_drop on the full dev set), and timed at batch 1, sequence 64 (p50 of PyTorch eager fp32 for the
+teacher and each student, and of each student's int8 ONNX), each engine in a fresh process, in --rounds interleaved
+rounds. Prints a Markdown table and the CPU, and writes JSON to --output.
 
     python benchmarks/width_students.py --teacher runs/sst2_pipeline/teacher
     python benchmarks/width_students.py            # fine-tunes its own teacher first (16k sentences, 1 epoch)
@@ -36,6 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher", default=None, help="Fine-tuned teacher folder (default: fine-tune one).")
     parser.add_argument("--configs", default="3x384,4x256,4x192,6x128", help="LAYERSxHIDDEN, comma-separated.")
     parser.add_argument("--train_size", type=int, default=16000)
+    parser.add_argument(
+        "--student_train_size",
+        type=int,
+        default=None,
+        help="Distil on the first N of the teacher's training sentences (default: all of them, the pipeline's budget).",
+    )
     parser.add_argument("--calibration", type=int, default=256, help="Training sentences for importance.")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
@@ -183,6 +190,8 @@ def main() -> None:
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     teacher_accuracy = evaluate_accuracy(teacher, data["validation"], tokenizer)
     print(f"teacher dev accuracy {teacher_accuracy:.2f}", flush=True)
+    if args.student_train_size:
+        data["train"] = data["train"].select(range(min(args.student_train_size, len(data["train"]))))
     rows = [build_student(name, teacher, data, tokenizer, args, work) for name in args.configs.split(",")]
     times = time_all(teacher_dir, rows, args, teacher.config.vocab_size)
     medians = {key: statistics.median(values) for key, values in times.items()}

@@ -15,6 +15,7 @@ from hf_distill.pruning import (
     FAMILIES,
     Family,
     Importance,
+    KeptUnits,
     Widths,
     activation_importance,
     calibration_batches,
@@ -226,7 +227,9 @@ def _cut_layers(teacher: PreTrainedModel, stack: str, layers: list[int]) -> PreT
     return student
 
 
-def _narrow(cut: PreTrainedModel, stack: str, family: Family, kept: Any, teacher: Widths, widths: Widths) -> Any:
+def _narrow(
+    cut: PreTrainedModel, stack: str, family: Family, kept: KeptUnits, teacher: Widths, widths: Widths
+) -> PreTrainedModel:
     """A model of the narrower config whose weights are ``cut``'s, sliced to the kept units."""
     config = copy.deepcopy(cut.config)
     config.hidden_size, config.intermediate_size = widths.hidden, widths.intermediate
@@ -289,11 +292,12 @@ def create_student(
     Width (BERT, RoBERTa, Llama, Qwen2, Mistral): ``hidden_size``, ``intermediate_size``, ``num_attention_heads``
     (and for GQA ``num_key_value_heads``) below the teacher's prune it structurally after the layer choice,
     Minitron-style (Muralidharan et al. 2024): hidden channels, MLP neurons and heads are ranked by activation
-    importance of the teacher on ``calibration_data`` (a tokenized ``datasets.Dataset`` or a list of dicts of
-    tensors; at most ``num_calibration_batches`` batches of ``calibration_batch_size`` rows), the most important
-    are kept and their weights copied — embeddings, norms, pooler and head included. Without calibration data the
-    ranking is by weight magnitude (logged as a warning). Defaults: see :func:`student_widths`. The result is a
-    plain model of the smaller config: it saves, loads and exports like any other.
+    importance, measured on the whole teacher (the chosen blocks then use their own scores) over
+    ``calibration_data`` (a tokenized ``datasets.Dataset`` or a list of dicts of tensors; at most
+    ``num_calibration_batches`` batches of ``calibration_batch_size`` rows); the most important are kept and their
+    weights copied — embeddings, norms, pooler and head included. Without calibration data the ranking is by weight
+    magnitude (logged as a warning). Defaults: see :func:`student_widths`. The result is a plain model of the
+    smaller config: it saves, loads and exports like any other.
 
     Raises:
         ValueError: not a PreTrainedModel, meta weights, bad layer choice, sizes larger than the teacher's or heads

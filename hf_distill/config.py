@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from hf_distill.losses import HIDDEN_LOSSES, KD_LOSSES
 
-ATTENTION_LOSSES = ("attention_kl", "value_relation")
+ATTENTION_LOSSES = ("auto", "attention_kl", "value_relation")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -84,10 +84,12 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Weight of attention transfer (0 disables it; needs an online teacher)."},
     )
     attention_loss: str = field(
-        default="attention_kl",
+        default="auto",
         metadata={
             "help": f"Attention transfer, one of {list(ATTENTION_LOSSES)}: KL between attention maps "
-            "(TinyBERT) or between value relations (MiniLM)."
+            "(TinyBERT) or between value relations (MiniLM, seq x seq, works across widths and head counts). "
+            "'auto': value relations when the student is narrower or has other head counts than the teacher, "
+            "attention maps otherwise."
         },
     )
     attention_layers: str = field(

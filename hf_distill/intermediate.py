@@ -37,6 +37,26 @@ def _hidden_size(config: Any) -> int:
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
+def _num_heads(config: Any) -> int | None:
+    return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+
+
+def resolve_attention_loss(name: str, student_config: Any, teacher_config: Any) -> str:
+    """``attention_loss='auto'`` -> ``'value_relation'`` for a narrow student, else ``'attention_kl'``.
+
+    A student of another width or head count (e.g. pruned by ``create_student(hidden_size=...)``) has attention
+    maps that cannot be compared head by head (attention_kl would average them over heads), while MiniLM's
+    [seq, seq] value relations split both sides into the same number of relation heads.
+    """
+    if name != "auto":
+        return name
+    same_width = _hidden_size(student_config) == _hidden_size(teacher_config)
+    if same_width and _num_heads(student_config) == _num_heads(teacher_config):
+        return "attention_kl"
+    logger.info("attention_loss='auto': the student's width or head count differs, using MiniLM's value relation.")
+    return "value_relation"
+
+
 class IntermediateMatcher:
     """Computes `hidden_loss` and `attention_loss`; owns the student→teacher width projections."""
 
@@ -50,8 +70,9 @@ class IntermediateMatcher:
         self.layer_map = args.layer_map or default_layer_map(s_model.config, self.teacher_layers)
         self.needs_hidden = args.hidden_loss_weight > 0
         use_attention = args.attention_loss_weight > 0
-        self.needs_attentions = use_attention and args.attention_loss == "attention_kl"
-        self.needs_values = use_attention and args.attention_loss == "value_relation"
+        self.attention_loss = resolve_attention_loss(args.attention_loss, s_model.config, t_model.config)
+        self.needs_attentions = use_attention and self.attention_loss == "attention_kl"
+        self.needs_values = use_attention and self.attention_loss == "value_relation"
         self.projections: nn.ModuleDict | None = None
         s_width, t_width = _hidden_size(s_model.config), _hidden_size(t_model.config)
         if self.needs_hidden and s_width != t_width:

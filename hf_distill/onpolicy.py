@@ -12,6 +12,7 @@ before its first label, and its response is what gets replaced.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -92,3 +93,35 @@ def sample_responses(
     labels = torch.cat([torch.full_like(prompts, IGNORE_INDEX), response.masked_fill(~keep, IGNORE_INDEX)], dim=1)
     input_ids = torch.cat([prompts, response.masked_fill(~keep, pad_token_id)], dim=1)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def policy_batch(
+    batch: dict[str, Any],
+    *,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    args: Any,
+    tokenizer_ids: tuple[int, int | None],
+    rng: random.Random,
+) -> dict[str, Any]:
+    """The batch one GKD step trains on: with probability ``args.lmbda`` the student's own responses, else (with
+    ``args.seq_kd``) the teacher's, else the dataset's (unchanged). ``tokenizer_ids`` is ``(pad, eos)``."""
+    on_policy = args.lmbda > 0 and rng.random() < args.lmbda
+    writer = student if on_policy else teacher if args.seq_kd else None
+    if writer is None:
+        return batch
+    prompts, prompt_mask = split_prompts(batch)
+    pad_token_id, eos_token_id = tokenizer_ids
+    sampled = sample_responses(
+        writer,
+        prompts,
+        prompt_mask,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.generation_temperature,
+        top_k=args.generation_top_k,
+        top_p=args.generation_top_p,
+    )
+    replaced = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
+    return {**{k: v for k, v in batch.items() if k not in replaced}, **sampled}

@@ -93,6 +93,11 @@ def validate_setup(
         )
     if args.teacher_prompt is not None:
         _validate_teacher_prompt(args, task, teacher, processing_class)
+    if (args.lmbda > 0 or args.seq_kd) and (task is not Task.CAUSAL_LM or teacher is None):
+        raise ValueError(
+            f"lmbda={args.lmbda} / seq_kd={args.seq_kd} generate responses during training: they need a causal-LM "
+            f"student (this one solves {task.value}) and an online teacher (teacher=...), not a logit cache."
+        )
     if teacher is None:
         _validate_cached(student, args, task, train_dataset, eval_dataset)
     else:

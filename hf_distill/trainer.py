@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from typing import Any
 
 import safetensors.torch
@@ -282,12 +283,33 @@ class DistillationTrainer(Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
+        if self.args.lmbda > 0 or self.args.seq_kd:  # GKD: responses sampled before the positions are counted
+            batch_samples = [self._policy_batch(batch) for batch in batch_samples]
         counts = torch.stack([example_counts(self.task, batch).to(device) for batch in batch_samples]).sum(0)
         ranks = 1
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             ranks = self.accelerator.num_processes
             counts = self.accelerator.gather(counts[None]).sum(0)
         return batch_samples, BatchCounts(positions=counts[0], tokens=counts[1], ranks=ranks)
+
+    def _policy_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from hf_distill.onpolicy import policy_batch
+        from hf_distill.tasks import unwrap_model
+
+        if not hasattr(self, "_policy_rng"):
+            self._policy_rng = random.Random(self.args.seed + self.accelerator.process_index)
+        config = unwrap_model(self.model).config
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
+        teacher = unwrap_model(self.teacher) if self.teacher is not None else None
+        return policy_batch(
+            batch,
+            student=unwrap_model(self.model),
+            teacher=teacher,
+            args=self.args,
+            tokenizer_ids=(pad, eos),
+            rng=self._policy_rng,
+        )
 
     def evaluation_loop(
         self,

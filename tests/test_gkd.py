@@ -1,0 +1,74 @@
+"""On-policy distillation in the trainer (GKD's lmbda and seq_kd)."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from hf_distill import DistillationConfig, DistillationTrainer, onpolicy
+
+
+def _data(n=8, prompt=4, response=4):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 24, (prompt + response,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def _train(tmp_path, spy=None, **config):
+    args = DistillationConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        alpha=1.0,
+        seed=0,
+        max_new_tokens=3,
+        **config,
+    )
+    torch.manual_seed(0)
+    student = tiny_llama(num_layers=1, seed=1)
+    trainer = DistillationTrainer(model=student, teacher=tiny_llama(num_layers=2), args=args, train_dataset=_data())
+    trainer.train()
+    return student
+
+
+def test_lmbda_zero_is_the_off_policy_loss(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(onpolicy, "sample_responses", lambda *a, **k: calls.append(1))
+    off = _train(tmp_path / "a")
+    zero = _train(tmp_path / "b", lmbda=0.0, generation_temperature=2.0)
+    assert not calls
+    assert all(torch.equal(p, q) for p, q in zip(off.parameters(), zero.parameters(), strict=True))
+
+
+def test_lmbda_one_always_generates_from_the_student(tmp_path, monkeypatch):
+    writers = []
+    real = onpolicy.sample_responses
+
+    def spy(model, *args, **kwargs):
+        writers.append(model.config.num_hidden_layers)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onpolicy, "sample_responses", spy)
+    on = _train(tmp_path / "on", lmbda=1.0)
+    assert writers == [1, 1]  # every batch of both steps, from the 1-layer student
+    off = _train(tmp_path / "off")
+    assert not all(torch.equal(p, q) for p, q in zip(on.parameters(), off.parameters(), strict=True))
+    writers.clear()
+    _train(tmp_path / "seq", seq_kd=True)
+    assert writers == [2, 2]  # seq_kd: the 2-layer teacher writes the responses
+
+
+def test_generation_settings_are_checked():
+    with pytest.raises(ValueError, match="Set alpha=1.0, as GKD does"):
+        DistillationConfig(output_dir="x", lmbda=0.5, alpha=0.5)
+    with pytest.raises(ValueError, match="lmbda must be in"):
+        DistillationConfig(output_dir="x", lmbda=1.5, alpha=1.0)
+    from conftest import tiny_bert
+
+    args = DistillationConfig(output_dir="x", lmbda=0.5, alpha=1.0, report_to="none")
+    with pytest.raises(ValueError, match="need a causal-LM student"):
+        DistillationTrainer(model=tiny_bert(2), teacher=tiny_bert(2), args=args)

@@ -49,6 +49,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_metric_drop", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument(
+        "--pruning_only",
+        action="store_true",
+        help="Only compare dev accuracy right after pruning: activation importance vs weight magnitude (no training).",
+    )
     parser.add_argument("--work_dir", default="runs/benchmarks/width_students")
     parser.add_argument("--output", default="runs/benchmarks/width_students.json")
     return parser.parse_args()
@@ -181,6 +186,18 @@ def table(teacher: Any, teacher_accuracy: float, rows: list[dict], medians: dict
     return "\n".join(lines)
 
 
+def compare_importance(teacher: Any, data: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    """Dev accuracy of each pruned student before any training, ranked by activations vs by weight magnitude."""
+    print("\n| student | dev acc, activation importance | dev acc, weight magnitude |\n|---|---|---|")
+    for name in args.configs.split(","):
+        layers, hidden = (int(x) for x in name.split("x"))
+        accuracies = []
+        for calibration in (data["train"].select(range(args.calibration)), None):
+            student = create_student(teacher, num_layers=layers, hidden_size=hidden, calibration_data=calibration)
+            accuracies.append(evaluate_accuracy(student, data["validation"], tokenizer))
+        print(f"| {layers}×{hidden} | {accuracies[0]:.2f} | {accuracies[1]:.2f} |", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     work = Path(args.work_dir)
@@ -190,6 +207,9 @@ def main() -> None:
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     teacher_accuracy = evaluate_accuracy(teacher, data["validation"], tokenizer)
     print(f"teacher dev accuracy {teacher_accuracy:.2f}", flush=True)
+    if args.pruning_only:
+        compare_importance(teacher, data, tokenizer, args)
+        return
     if args.student_train_size:
         data["train"] = data["train"].select(range(min(args.student_train_size, len(data["train"]))))
     rows = [build_student(name, teacher, data, tokenizer, args, work) for name in args.configs.split(",")]

@@ -131,20 +131,15 @@ def _generate(args: argparse.Namespace) -> None:
     teacher, tokenizer = load_model(source, Task.CAUSAL_LM)
     if tokenizer is None:
         raise ValueError(f"{args.teacher!r} holds no tokenizer; the prompts are rendered with its chat template.")
+    options = ("prompt_column", "system_prompt", "max_new_tokens", "batch_size", "do_sample", "temperature", "top_p")
     generated = generate_responses(
         teacher,
         tokenizer,
         prompts,
-        prompt_column=args.prompt_column,
-        system_prompt=args.system_prompt,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
         save_path=args.output_dir,
+        **{name: getattr(args, name) for name in options},
     )
     print(f"wrote {len(generated)} teacher responses to {args.output_dir}")
 

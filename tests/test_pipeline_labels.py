@@ -16,6 +16,7 @@ from hf_distill.pipeline import Pipeline
 from hf_distill.pipeline.config import load_pipeline_config
 from hf_distill.pipeline.hub import model_card
 from hf_distill.pipeline.report import collect
+from hf_distill.pipeline.stages import stage_infos
 from hf_distill.teacher import finetune_teacher
 
 TOPICS = ["sports", "politics", "science"]
@@ -70,7 +71,7 @@ def test_three_classes_reach_teacher_student_manifest_report_and_card(assets, tm
     listed = ", ".join(f"{i}: {name}" for i, name in id2label.items())
     assert f"Classes (id: name): {listed}." in (out / "REPORT.md").read_text()
     config = load_pipeline_config(config_path)
-    card = model_card(collect(Pipeline(config).workspace, config, "cmd"), "me/topics")
+    card = model_card(collect(config, "cmd", stage_infos(config, Pipeline(config).workspace)), "me/topics")
     assert f"classes (3: {', '.join(id2label.values())})" in card and listed in card
 
 

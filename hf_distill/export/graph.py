@@ -135,6 +135,15 @@ def _token_inputs(kwargs: dict[str, Any]) -> list[str]:
     return [n for n in kwargs if n != "prompt_embeds"]
 
 
+def _onnx_export(wrapper: nn.Module, path: str, kwargs: dict[str, Any], **options: Any) -> None:
+    """torch.onnx.export of the logits-only wrapper, its (harmless, noisy) tracer warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (), path, kwargs=kwargs, input_names=list(kwargs), output_names=["logits"], **options
+        )
+
+
 def _export_dynamo(
     wrapper: nn.Module, path: str, kwargs: dict[str, Any], opset: int, max_positions: int, big: bool
 ) -> None:
@@ -142,37 +151,21 @@ def _export_dynamo(
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("sequence", min=1, max=max_positions)
     shapes = {n: ({0: batch, 1: seq} if n in _token_inputs(kwargs) else None) for n in kwargs}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            (),
-            path,
-            kwargs=kwargs,
-            dynamo=True,
-            input_names=list(kwargs),
-            output_names=["logits"],
-            dynamic_shapes=shapes,
-            opset_version=opset,
-            external_data=big,
-            optimize=True,
-            verbose=False,
-        )
+    _onnx_export(
+        wrapper,
+        path,
+        kwargs,
+        dynamo=True,
+        dynamic_shapes=shapes,
+        opset_version=opset,
+        external_data=big,
+        optimize=True,
+        verbose=False,
+    )
 
 
 def _export_torchscript(wrapper: nn.Module, path: str, kwargs: dict[str, Any], opset: int, per_token: bool) -> None:
     """The TorchScript exporter (opset <= 17), for graphs torch.export cannot trace."""
     logits_axes = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            (),
-            path,
-            kwargs=kwargs,
-            dynamo=False,
-            input_names=list(kwargs),
-            output_names=["logits"],
-            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in _token_inputs(kwargs)}, "logits": logits_axes},
-            opset_version=min(opset, 17),
-        )
+    axes = {**{n: {0: "batch", 1: "sequence"} for n in _token_inputs(kwargs)}, "logits": logits_axes}
+    _onnx_export(wrapper, path, kwargs, dynamo=False, dynamic_axes=axes, opset_version=min(opset, 17))

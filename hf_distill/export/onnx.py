@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedModel
 
+from hf_distill.atomic import atomic_folder
 from hf_distill.data import AUTO
 from hf_distill.export.batches import EvalBatches, make_batches
 from hf_distill.export.graph import export_graph
@@ -135,19 +134,11 @@ def _write_atomically(
     output_dir: Path, plan: ExportPlan, variants: Sequence[str], gate: _Gate, opset: int, fail_on_gate: bool
 ) -> dict[str, Any]:
     """Export into a temporary sibling folder and move it into place only when the gate allows."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         report = _export_into(staging, plan, variants, gate, opset)
         failed = [row["variant"] for row in report["variants"] if not row["passed"]]
         if failed and fail_on_gate:
             raise GateError(failed, report)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

@@ -68,7 +68,9 @@ def _classes(labels: list[str] | None) -> str:
     return f" ({len(labels)}: {', '.join(labels)})" if labels else ""
 
 
-def build_upload_folder(ws: Workspace, config: PipelineConfig, command: str, dest: Path) -> Path:
+def build_upload_folder(
+    ws: Workspace, config: PipelineConfig, command: str, infos: dict[str, dict[str, Any]], dest: Path
+) -> Path:
     """The folder pushed to the Hub: the student, `onnx/` (passing variants), `edge_runner.py`, README.md card."""
     if dest.exists():
         shutil.rmtree(dest)
@@ -85,7 +87,7 @@ def build_upload_folder(ws: Workspace, config: PipelineConfig, command: str, des
         # The runner is a module of the installed package (torch-free, self-contained): ship its source as a file.
         (dest / "edge_runner.py").write_text(files("hf_distill").joinpath("edge.py").read_text())
         (dest / "requirements.txt").write_text(files("hf_distill").joinpath("edge_requirements.txt").read_text())
-    (dest / "README.md").write_text(model_card(collect(ws, config, command), config.push.repo_id))
+    (dest / "README.md").write_text(model_card(collect(config, command, infos), config.push.repo_id))
     return dest
 
 

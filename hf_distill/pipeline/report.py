@@ -7,14 +7,12 @@ import shutil
 from typing import Any
 
 from hf_distill.pipeline.config import PipelineConfig
-from hf_distill.pipeline.stages import STAGE_NAMES, stage_config
 from hf_distill.pipeline.workspace import Workspace
 
 
-def collect(ws: Workspace, config: PipelineConfig, command: str) -> dict[str, Any]:
-    """Everything the report and the model card say, from the stages' folders (only stages finished under the
-    current config: a stale record of an earlier run is left out)."""
-    infos = {name: ws.info(name, stage_config(config, name)) for name in STAGE_NAMES}
+def collect(config: PipelineConfig, command: str, infos: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Everything the report and the model card say, from the stages' records ``infos`` (stage name -> its ``.done``
+    content; :func:`hf_distill.pipeline.stages.stage_infos` leaves out stages finished under another config)."""
     teacher, student, distill = infos["teacher"], infos["student"], infos["distill"]
     export, bench, refine = infos["export"], infos["bench"], infos["refine"]
     result: dict[str, Any] = {
@@ -119,9 +117,11 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(ws: Workspace, config: PipelineConfig, command: str) -> dict[str, Any]:
+def write_report(
+    ws: Workspace, config: PipelineConfig, command: str, infos: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Write report.json, REPORT.md and the plot into the run folder; print the summary; return the report."""
-    result = collect(ws, config, command)
+    result = collect(config, command, infos)
     ws.report_json.write_text(json.dumps(result, indent=2))
     ws.report_md.write_text(markdown(result))
     if (ws.bench_dir / "bench.png").is_file():

@@ -205,14 +205,15 @@ def bench_stage(ctx: RunContext) -> dict[str, Any]:
 def report_stage(ctx: RunContext) -> dict[str, Any]:
     from hf_distill.pipeline.report import write_report
 
-    write_report(ctx.workspace, ctx.config, ctx.command)
+    write_report(ctx.workspace, ctx.config, ctx.command, stage_infos(ctx.config, ctx.workspace))
     return {}
 
 
 def push_stage(ctx: RunContext) -> dict[str, Any]:
     from hf_distill.pipeline.hub import build_upload_folder, push_folder
 
-    folder = build_upload_folder(ctx.workspace, ctx.config, ctx.command, ctx.workspace.upload_dir)
+    infos = stage_infos(ctx.config, ctx.workspace)
+    folder = build_upload_folder(ctx.workspace, ctx.config, ctx.command, infos, ctx.workspace.upload_dir)
     url = push_folder(folder, ctx.config.push.repo_id, private=ctx.config.push.private)
     return {"repo_id": ctx.config.push.repo_id, "url": url}
 
@@ -249,6 +250,11 @@ def stage_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
     uses = next(s.uses for s in STAGES if s.name == stage)
     values = config.to_dict()
     return {key: values[key] for key in uses}
+
+
+def stage_infos(config: PipelineConfig, ws: Any) -> dict[str, dict[str, Any]]:
+    """Every stage's ``.done`` record, empty for stages not finished under the current config."""
+    return {name: ws.info(name, stage_config(config, name)) for name in STAGE_NAMES}
 
 
 # The stage subsets of the CLI's commands.

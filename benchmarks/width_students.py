@@ -54,6 +54,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="Only compare dev accuracy right after pruning: activation importance vs weight magnitude (no training).",
     )
+    parser.add_argument("--threads", type=int, default=None, help="Threads per engine when timing (default: all).")
+    parser.add_argument(
+        "--retime",
+        default=None,
+        help="Only time again the teacher and students of an earlier run's --output JSON (e.g. with --threads 1).",
+    )
     parser.add_argument("--work_dir", default="runs/benchmarks/width_students")
     parser.add_argument("--output", default="runs/benchmarks/width_students.json")
     return parser.parse_args()
@@ -145,7 +151,7 @@ def build_student(name: str, teacher: Any, data: Any, tokenizer: Any, args: argp
 
 def time_all(teacher_dir: Path, rows: list[dict], args: argparse.Namespace, vocab: int) -> dict[str, list[float]]:
     """p50 ms of each engine in a fresh process per measurement, over interleaved rounds."""
-    grid = {"batch_sizes": [1], "seq_lens": [64], "warmup": 20, "runs": args.runs, "threads": None}
+    grid = {"batch_sizes": [1], "seq_lens": [64], "warmup": 20, "runs": args.runs, "threads": args.threads}
     specs = {"teacher/pytorch_fp32": {"engine": "pytorch", "path": str(teacher_dir), **grid}}
     for row in rows:
         specs[f"{row['config']}/pytorch_fp32"] = {"engine": "pytorch", "path": row["folder"], **grid}
@@ -198,8 +204,31 @@ def compare_importance(teacher: Any, data: Any, tokenizer: Any, args: argparse.N
         print(f"| {layers}×{hidden} | {accuracies[0]:.2f} | {accuracies[1]:.2f} |", flush=True)
 
 
+def report(args: argparse.Namespace, teacher_dir: Path, teacher_accuracy: float, rows: list[dict]) -> None:
+    """Time every engine, print the machine and the table, write the JSON."""
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    times = time_all(teacher_dir, rows, args, teacher.config.vocab_size)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    info = machine_info(args.threads)
+    print(
+        f"\nCPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, flags {info['cpu_flags']}, threads "
+        f"{info['threads']}\n"
+    )
+    print(table(teacher, teacher_accuracy, rows, medians))
+    result = {"args": vars(args), "machine": info, "teacher": str(teacher_dir), "teacher_accuracy": teacher_accuracy}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(
+        json.dumps({**result, "rows": rows, "p50_ms": medians, "all_rounds_ms": times}, indent=2)
+    )
+
+
 def main() -> None:
     args = parse_args()
+    if args.retime:
+        earlier = json.loads(Path(args.retime).read_text())
+        teacher = earlier.get("teacher") or earlier["args"]["teacher"] or Path(earlier["args"]["work_dir"]) / "teacher"
+        report(args, Path(teacher), earlier["teacher_accuracy"], earlier["rows"])
+        return
     work = Path(args.work_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.teacher or minilm_path())
     data = tokenize_text_classification(tokenizer, load_sst2(train_size=args.train_size), "sentence", "label", 64)
@@ -213,14 +242,7 @@ def main() -> None:
     if args.student_train_size:
         data["train"] = data["train"].select(range(min(args.student_train_size, len(data["train"]))))
     rows = [build_student(name, teacher, data, tokenizer, args, work) for name in args.configs.split(",")]
-    times = time_all(teacher_dir, rows, args, teacher.config.vocab_size)
-    medians = {key: statistics.median(values) for key, values in times.items()}
-    info = machine_info(None)
-    print(f"\nCPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, flags {info['cpu_flags']}\n")
-    print(table(teacher, teacher_accuracy, rows, medians))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    result = {"args": vars(args), "machine": info, "teacher_accuracy": teacher_accuracy, "rows": rows}
-    Path(args.output).write_text(json.dumps({**result, "p50_ms": medians, "all_rounds_ms": times}, indent=2))
+    report(args, teacher_dir, teacher_accuracy, rows)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def torch_probs(model, encoded):
 
 def test_edge_runner_tokenises_like_training_with_pretokenized_data(tmp_path, edge_python):
     tokenizer = pristine_tokenizer()
-    model = text_student(tmp_path / "student", tokenizer)
+    model = text_student(tmp_path / "student", tokenizer, initializer_range=1.0)  # large weights: pads would show
     dev = load_sst2()["validation"].select(range(24))
     encoded = tokenizer(list(dev["sentence"]), truncation=True, max_length=64)
     datasets.Dataset.from_dict(
@@ -63,14 +63,14 @@ def test_edge_runner_tokenises_like_training_with_pretokenized_data(tmp_path, ed
     assert (
         main(["export", str(tmp_path / "student"), str(tmp_path / "onnx"), "--data", str(tmp_path / "dev"), *args]) == 0
     )
+    rows, _ = edge(edge_python, tmp_path / "onnx", *TEXTS)
+    expected = torch_probs(model, tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    np.testing.assert_allclose([r["probabilities"] for r in rows], expected, atol=1e-4)
     manifest = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
     saved = json.loads((tmp_path / "onnx" / "tokenizer.json").read_text())
     assert saved["padding"]["strategy"] == "BatchLongest" and saved["padding"]["direction"] == "Right"
     assert saved["truncation"]["max_length"] == manifest["max_length"] == 128
     assert manifest["tokenization"]["padding"] == "longest" and manifest["tokenization"]["max_length"] == 128
-    rows, _ = edge(edge_python, tmp_path / "onnx", *TEXTS)
-    expected = torch_probs(model, tokenizer(TEXTS, padding=True, return_tensors="pt"))
-    np.testing.assert_allclose([r["probabilities"] for r in rows], expected, atol=1e-4)
 
 
 def text_student(folder, tokenizer, model_class=None, **config):
@@ -91,6 +91,7 @@ def test_roberta_usable_positions_everywhere(tmp_path, edge_python):
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=34,
+        initializer_range=1.0,  # large weights: a dropped closing token shows in the probabilities
         **LABELS,
     )
     model = RobertaForSequenceClassification(config).eval()
@@ -101,14 +102,14 @@ def test_roberta_usable_positions_everywhere(tmp_path, edge_python):
         {"input_ids": [list(range(1000, 1040))] * 4, "labels": [0, 1, 0, 1]}  # 40 tokens each
     )
     export_onnx(tmp_path / "roberta", tmp_path / "onnx", variants=["fp32"], validation_data=data, max_metric_drop=100)
-    manifest = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
-    assert manifest["max_length"] == manifest["max_positions"] == 32  # 34 rows, positions start at padding_idx + 1
     rows, stderr = edge(edge_python, tmp_path / "onnx", long_text, "short")
     assert "longer than this export's 32" in stderr
     expected = torch_probs(
         model, tokenizer([long_text, "short"], padding=True, truncation=True, max_length=32, return_tensors="pt")
     )
     np.testing.assert_allclose([r["probabilities"] for r in rows], expected, atol=1e-4)
+    manifest = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
+    assert manifest["max_length"] == manifest["max_positions"] == 32  # 34 rows, positions start at padding_idx + 1
     with pytest.raises(ValueError, match="Sequence length 33 exceeds .* 32 usable positions"):
         benchmark(tmp_path / "onnx", seq_lens=[33], batch_sizes=[1], runs=1, warmup=0)
     prompted = make_peft_student(model, prompt_refine_config(Task.SEQUENCE_CLASSIFICATION, 4, init="random"))

@@ -84,7 +84,7 @@ def markdown(r: dict[str, Any]) -> str:
     if r["export"]:
         lines += ["## ONNX variants", "", "| variant | dev accuracy | drop | size MB | gate |", "|---|---|---|---|---|"]
         lines += [
-            f"| {e['variant']} | {e['metric_value']:.2f} | {e['metric_drop']:.2f} | {e['size_bytes'] / 1e6:.1f} "
+            f"| {e['variant']} | {_num(e['metric_value'])} | {_num(e['metric_drop'])} | {e['size_bytes'] / 1e6:.1f} "
             f"| {'pass' if e['passed'] else 'FAIL'} |"
             for e in r["export"]
         ]

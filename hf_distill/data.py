@@ -11,6 +11,7 @@ from typing import Any
 import datasets
 
 from hf_distill.labels import LabelSet
+from hf_distill.tasks import IGNORE_INDEX
 
 # Where the demo data is looked for when no folder is given: $HF_DISTILL_DATA, then ./data (a checkout of the
 # repository, which bundles SST-2), then ../shared/data. Never relative to the installed package.
@@ -143,7 +144,7 @@ def tokenize_text_classification(
     tokenizer: Any,
     raw: datasets.DatasetDict,
     text_column: str,
-    label_column: str,
+    label_column: str | None,
     max_length: int,
     labels: LabelSet | None = None,
     text_pair_column: str | None = AUTO,
@@ -151,8 +152,9 @@ def tokenize_text_classification(
     """Tokenize a text-classification DatasetDict; adds ``labels`` and ``length`` (for length-grouped sampling).
 
     ``labels`` maps the label column's values (class names or ids) to class ids (:func:`labels_from_data`); None:
-    the column already holds class ids. Sentence pairs follow :func:`text_columns` (GLUE pair names are found by
-    themselves) and keep their ``token_type_ids``.
+    the column already holds class ids. ``label_column=None`` marks every row unlabelled (label -100): mixed into a
+    labelled training set, such rows take the soft (KD) loss alone. Sentence pairs follow :func:`text_columns` (GLUE
+    pair names are found by themselves) and keep their ``token_type_ids``.
 
     Raises:
         ValueError: a label outside ``labels``, or non-integer labels without ``labels``.
@@ -162,6 +164,10 @@ def tokenize_text_classification(
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch[first], batch[second] if second else None, truncation=True, max_length=max_length)
+        if label_column is None:
+            encoded["labels"] = [IGNORE_INDEX] * len(encoded["input_ids"])
+            encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+            return encoded
         values = batch[label_column]
         if labels is not None:
             encoded["labels"] = labels.encode(values)
@@ -175,7 +181,13 @@ def tokenize_text_classification(
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
-    return raw.map(encode, batched=True, remove_columns=first_split.column_names, desc="Tokenizing")
+    # Each split drops its own columns: an unlabelled split has no label column.
+    return datasets.DatasetDict(
+        {
+            name: split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenizing {name}")
+            for name, split in raw.items()
+        }
+    )
 
 
 def encode_words(tokenizer: Any, words: Sequence[Sequence[str]], max_length: int | None = None) -> Any:

@@ -36,6 +36,9 @@ class Term:
     sums: torch.Tensor  # [batch] float, differentiable
     counts: torch.Tensor  # [batch] float
     unit: str  # POSITIONS or TOKENS
+    # [batch] weight of each example's sum in the total, replacing the config's weight for the term: KD on
+    # unlabelled examples weighs 1 where labelled ones weigh alpha. None: the config's weight for every example.
+    weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -140,17 +140,19 @@ class AlignedLogits:
     student: torch.Tensor  # [N, C]
     teacher: torch.Tensor | None  # [N, C]
     labels: torch.Tensor | None  # [N]
-    mask: torch.Tensor  # [N] bool: which of the N positions count
+    mask: torch.Tensor  # [N] bool: which of the N positions count (the soft loss covers all of them)
+    labelled: torch.Tensor  # [N] bool, within mask: the positions with a label (the hard loss covers these)
 
 
-def loss_positions(
+def labelled_positions(
     task: Task, labels: torch.Tensor | None, attention_mask: torch.Tensor | None, logits: torch.Tensor
 ) -> torch.Tensor | None:
-    """Boolean mask over the positions of ``logits`` (before flattening) that enter the losses.
+    """Boolean mask over the positions of ``logits`` (before flattening) that carry a label: the hard loss's.
 
-    Labels decide when present (-100 marks padding, prompt or sub-word positions); otherwise the attention mask.
-    For causal LM, position i predicts token i + 1, so the mask is taken from the shifted labels, and position i
-    must itself be attended: with left padding the last pad position would otherwise "predict" the first token.
+    Labels decide when present (-100 marks padding, prompt, sub-word or unlabelled positions); otherwise the
+    attention mask. For causal LM, position i predicts token i + 1, so the mask is taken from the shifted labels,
+    and position i must itself be attended: with left padding the last pad position would otherwise "predict" the
+    first token. None: every example of a sequence-classification batch (no labels, or float labels).
     """
     if task is Task.SEQUENCE_CLASSIFICATION:
         if labels is None:
@@ -170,6 +172,28 @@ def loss_positions(
     return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
 
 
+def loss_positions(
+    task: Task, labels: torch.Tensor | None, attention_mask: torch.Tensor | None, logits: torch.Tensor
+) -> torch.Tensor | None:
+    """Boolean mask over the positions of ``logits`` (before flattening) that enter the losses: the soft loss's.
+
+    :func:`labelled_positions`, plus every position of an *unlabelled example* (KD on unlabelled text: such an
+    example takes the soft loss only, so alpha applies per example). An example is unlabelled when its label is -100
+    (sequence classification: one label per row) or when all its token labels are -100 (token classification);
+    then its attended tokens count. For causal LM -100 marks prompt tokens, not missing labels: a row without a
+    single labelled token adds nothing (unlabelled causal-LM text is a row whose labels are its input ids, or a
+    dataset without labels at alpha=1).
+    """
+    labelled = labelled_positions(task, labels, attention_mask, logits)
+    if labels is None or labelled is None or task is Task.CAUSAL_LM:
+        return labelled
+    if task is Task.SEQUENCE_CLASSIFICATION:
+        return torch.ones_like(labelled)
+    unlabelled_rows = ~labelled.any(-1, keepdim=True)
+    attended = attention_mask.bool() if attention_mask is not None else torch.ones_like(labelled)
+    return labelled | (unlabelled_rows & attended)
+
+
 def align_logits(
     task: Task,
     student_logits: torch.Tensor,
@@ -179,13 +203,11 @@ def align_logits(
 ) -> AlignedLogits:
     """Shift (causal LM) and flatten logits so that row i of student, teacher and labels talk about one position."""
     positions = loss_positions(task, labels, attention_mask, student_logits)
+    labelled = labelled_positions(task, labels, attention_mask, student_logits)
     if task is Task.SEQUENCE_CLASSIFICATION:
-        mask = (
-            positions
-            if positions is not None
-            else torch.ones(student_logits.shape[0], dtype=torch.bool, device=student_logits.device)
-        )
-        return AlignedLogits(student_logits, teacher_logits, labels, mask)
+        everyone = torch.ones(student_logits.shape[0], dtype=torch.bool, device=student_logits.device)
+        mask = positions if positions is not None else everyone
+        return AlignedLogits(student_logits, teacher_logits, labels, mask, labelled if labelled is not None else mask)
     if task is Task.CAUSAL_LM:
         student_logits = student_logits[:, :-1]
         teacher_logits = None if teacher_logits is None else teacher_logits[:, :-1]
@@ -196,4 +218,5 @@ def align_logits(
         teacher=None if teacher_logits is None else teacher_logits.reshape(-1, num_classes),
         labels=None if labels is None else labels.reshape(-1),
         mask=positions.reshape(-1),
+        labelled=labelled.reshape(-1),
     )

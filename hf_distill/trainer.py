@@ -19,6 +19,7 @@ from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
 from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, distillation_loss, hard_label_loss
 from hf_distill.normalisation import (
+    POSITIONS,
     BatchCounts,
     LossTally,
     Term,
@@ -215,8 +216,10 @@ class DistillationTrainer(Trainer):
         args: DistillationConfig = self.args
         aligned = align_logits(self.task, student_logits, teacher_logits, labels, attention_mask)
         batch = student_logits.shape[0]
+        # alpha applies per example: one without any label (-100) takes the soft loss alone, at weight 1.
+        labelled_rows = aligned.labelled.reshape(batch, -1).any(1)
         terms: dict[str, Term] = {}
-        if args.alpha > 0:
+        if aligned.teacher is not None and (args.alpha > 0 or not bool(labelled_rows.all())):
             kd = distillation_loss(
                 aligned.student,
                 aligned.teacher,
@@ -228,11 +231,12 @@ class DistillationTrainer(Trainer):
                 **args.kd_params(),
             )
             terms["kd_loss"] = per_example(kd, aligned.mask, batch)
+            terms["kd_loss"].weights = torch.where(labelled_rows, args.alpha, 1.0).to(kd.dtype)
             if training:
                 check_finite_kd(terms["kd_loss"].sums, args.kd_loss)
         if args.alpha < 1:
-            hard = self.hard_loss(aligned.student, aligned.labels, aligned.mask)
-            terms["hard_loss"] = per_example(hard, aligned.mask, batch)
+            hard = self.hard_loss(aligned.student, aligned.labels, aligned.labelled)
+            terms["hard_loss"] = per_example(hard, aligned.labelled, batch)
         return terms
 
     def _layer_terms(self, outputs: Any, teacher_outputs: Any, attention_mask: torch.Tensor | None) -> dict[str, Term]:
@@ -249,12 +253,20 @@ class DistillationTrainer(Trainer):
         a direct call) the batch alone is the normaliser.
         """
         total = torch.zeros((), device=self.args.device)
+        # Label-level terms share one denominator, the positions of the soft loss (a superset of the hard loss's):
+        # with unlabelled examples the loss is a per-example mean of alpha·KD + (1 − alpha)·CE or KD alone.
+        positions = max((t.counts.sum() for t in terms.values() if t.unit == POSITIONS), default=None)
         for name, term in terms.items():
             if isinstance(counts, BatchCounts):
                 denominator = counts.denominator(term.unit)
             else:
-                denominator = term.counts.sum().clamp_min(1)
-            total = total + self.args.loss_weight(name) * term.sums.sum() / denominator
+                denominator = (positions if term.unit == POSITIONS else term.counts.sum()).clamp_min(1)
+            weighted = (
+                term.sums.sum() * self.args.loss_weight(name)
+                if term.weights is None
+                else (term.weights * term.sums).sum()
+            )
+            total = total + weighted / denominator
         return total
 
     def hard_loss(self, logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:

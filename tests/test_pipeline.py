@@ -173,6 +173,9 @@ def test_foreign_or_changed_output_dir_is_refused(assets, tmp_path, capsys):
         ("distill.alpha=high", "Config key 'distill.alpha' must be float, got 'high' (str)"),
         ("distill.per_device_train_batch_size=2.5", "Config key 'distill.per_device_train_batch_size' must be int"),
         ("distill.use_cpu=maybe", "Config key 'distill.use_cpu' must be bool, got 'maybe'"),
+        ("student.hidden_size=0", "Config key 'student.hidden_size' must be > 0, got 0"),
+        ("data.unlabelled=nowhere/more.tsv", "Data file 'nowhere/more.tsv' does not exist (config data.unlabelled)"),
+        ("data.unlabelled=rest", "data.unlabelled is 'rest' (the training rows train_size leaves out) but"),
     ],
 )
 def test_wrong_values_are_reported_by_key_before_any_stage(assets, tmp_path, capsys, override, message):
@@ -196,3 +199,17 @@ def test_yaml_exponent_floats_are_floats(assets, tmp_path):
         write_config(assets, tmp_path / "run"), ["teacher.learning_rate=1e-4", "distill.learning_rate=5e-5"]
     )
     assert config.teacher.learning_rate == 1e-4 and config.distill["learning_rate"] == 5e-5
+
+
+def test_narrow_student_learns_from_the_rows_train_size_leaves_out(assets, tmp_path):
+    """student.hidden_size prunes width on training rows; data.unlabelled=rest adds the other rows, soft loss only."""
+    out = tmp_path / "run"
+    changes = {"data.train_size": 40, "data.unlabelled": "rest", "student.hidden_size": 16}
+    changes |= {"student.num_attention_heads": 2, "student.baseline": True, "student.calibration_size": 16}
+    assert main(["distill", str(write_config(assets, out, **changes))]) == 0
+    student = json.loads((out / "distill" / "student" / "model" / "config.json").read_text())
+    assert (student["hidden_size"], student["num_attention_heads"], student["num_hidden_layers"]) == (16, 2, 1)
+    done = json.loads((out / "distill" / ".done").read_text())
+    # 64 training rows: 40 labelled, the other 24 unlabelled; the labels-only baseline sees the 40 alone.
+    assert (done["student"]["train_rows"], done["student"]["unlabelled_rows"]) == (64, 24)
+    assert (done["baseline"]["train_rows"], done["baseline"]["unlabelled_rows"]) == (40, 0)

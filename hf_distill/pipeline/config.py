@@ -74,6 +74,12 @@ class DataSection:
     label_names: list | None = _key("Class names in id order (null: from the data).", None, _label_names)
     train_size: int | None = _key("Sample this many training rows (null: all).", None, _positive)
     max_length: int = _key("Truncate inputs to this many tokens.", 64, _positive)
+    unlabelled: str | None = _key(
+        "Unlabelled in-domain text the student learns from the teacher alone (soft loss only): a file with the "
+        "text column, or 'rest' for the training rows train_size leaves out. null: none.",
+        None,
+    )
+    unlabelled_size: int | None = _key("Use at most this many unlabelled rows (null: all).", None, _positive)
 
 
 @dataclass
@@ -89,6 +95,14 @@ class TeacherSection:
 class StudentSection:
     num_layers: int | None = _key("Layers of the student cut from the teacher (uniformly spaced).", 3, _positive)
     layers: list | None = _key("Explicit 0-based teacher layers to copy (instead of num_layers).", None, _layers)
+    hidden_size: int | None = _key(
+        "Narrower student: hidden channels kept by activation importance (Minitron; null: the teacher's).",
+        None,
+        _positive,
+    )
+    intermediate_size: int | None = _key("MLP neurons kept (null: scaled with hidden_size).", None, _positive)
+    num_attention_heads: int | None = _key("Attention heads kept (null: scaled with hidden_size).", None, _positive)
+    calibration_size: int = _key("Training rows that rank channels, heads and neurons when pruning width.", 256, _positive)
     baseline: bool = _key("Also train the same student on labels alone, to report the KD gain.", False)
 
 
@@ -323,10 +337,15 @@ def load_pipeline_config(
         config.distillation_config(output_dir=str(Path(config.output_dir) / "distill"))
     except (ValueError, TypeError) as err:
         raise ValueError(f"Config section 'distill': {err}") from err
-    for key in ("train", "validation"):
+    for key in ("train", "validation", "unlabelled"):
         value = getattr(config.data, key)
-        if not Path(value).expanduser().exists():
+        if value is not None and value != "rest" and not Path(value).expanduser().exists():
             raise ValueError(f"Data file {value!r} does not exist (config data.{key}).")
+    if config.data.unlabelled == "rest" and config.data.train_size is None:
+        raise ValueError(
+            "data.unlabelled is 'rest' (the training rows train_size leaves out) but data.train_size is null, so no "
+            "row is left out. Set data.train_size, or give data.unlabelled a file."
+        )
     if config.push.enabled and not config.push.repo_id:
         raise ValueError("push.enabled is true but push.repo_id is not set (e.g. your-name/minilm-sst2-student).")
     return config

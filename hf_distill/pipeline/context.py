@@ -18,6 +18,7 @@ class RunContext:
     _raw: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
     _labels: LabelSet | None = field(default=None, repr=False)
+    _unlabelled: Any = field(default=None, repr=False)
 
     def teacher_source(self) -> str:
         """The backbone or fine-tuned teacher named in the config (``minilm``: the offline MiniLM package)."""
@@ -38,10 +39,50 @@ class RunContext:
 
             d = self.config.data
             raw = datasets.DatasetDict({"train": load_table(d.train), "validation": load_table(d.validation)})
+            rest = None
             if d.train_size is not None and d.train_size < len(raw["train"]):
-                raw["train"] = raw["train"].shuffle(seed=self.config.seed).select(range(d.train_size))
+                shuffled = raw["train"].shuffle(seed=self.config.seed)
+                raw["train"] = shuffled.select(range(d.train_size))
+                rest = shuffled.select(range(d.train_size, len(shuffled)))
+            self._unlabelled = self._read_unlabelled(rest, raw["train"].column_names)
             self._raw = raw
         return self._raw
+
+    def _read_unlabelled(self, rest: Any, train_columns: list[str]) -> Any:
+        """``data.unlabelled`` as a Dataset of the training file's text column(s) only, or None.
+
+        Raises:
+            ValueError: the file lacks a text column the training data has.
+        """
+        from hf_distill.data import load_table, text_columns
+
+        d = self.config.data
+        if d.unlabelled is None:
+            return None
+        if d.unlabelled == "rest":
+            if rest is None:
+                raise ValueError(
+                    f"data.unlabelled is 'rest', but data.train_size={d.train_size} takes every row of {d.train!r}: "
+                    "none is left for unlabelled text. Lower data.train_size, or give data.unlabelled a file."
+                )
+            table = rest
+        else:
+            table = load_table(d.unlabelled).shuffle(seed=self.config.seed)
+        wanted = [c for c in text_columns(train_columns, d.text_column) if c]
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"The unlabelled data {d.unlabelled!r} has no column {missing} (it has {table.column_names}); it "
+                "needs the training data's text column(s)."
+            )
+        if d.unlabelled_size is not None and d.unlabelled_size < len(table):
+            table = table.select(range(d.unlabelled_size))
+        return table.select_columns(wanted)
+
+    def unlabelled_data(self) -> Any:
+        """The unlabelled rows (text columns only) for the soft loss, or None without ``data.unlabelled``."""
+        self.raw_data()
+        return self._unlabelled
 
     def labels(self) -> LabelSet:
         """The classes: from the data and ``data.label_names``; the teacher's own when it is used as it is.
@@ -89,4 +130,12 @@ class RunContext:
         data = tokenize_text_classification(
             self.tokenizer(), self.raw_data(), d.text_column, d.label_column, d.max_length, self.labels()
         )
+        unlabelled = self.unlabelled_data()
+        if unlabelled is not None:
+            import datasets
+
+            text = datasets.DatasetDict(unlabelled=unlabelled)
+            data["unlabelled"] = tokenize_text_classification(
+                self.tokenizer(), text, d.text_column, None, d.max_length
+            )["unlabelled"]
         return data, self.tokenizer()

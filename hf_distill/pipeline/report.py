@@ -28,7 +28,10 @@ def collect(config: PipelineConfig, command: str, infos: dict[str, dict[str, Any
         "student": {
             "parameters": student.get("parameters"),
             "teacher_layers_copied": student.get("layers"),
+            "hidden_size": student.get("hidden_size"),
             "accuracy": distill.get("student", {}).get("accuracy"),
+            "train_rows": distill.get("student", {}).get("train_rows"),
+            "unlabelled_rows": distill.get("student", {}).get("unlabelled_rows"),
         },
         "kd_settings": distill.get("settings"),
         "baseline_accuracy": distill.get("baseline", {}).get("accuracy"),
@@ -70,12 +73,16 @@ def markdown(r: dict[str, Any]) -> str:
         f"| teacher ({t['source']}) | {_num(t['accuracy'])} | {_num((t['parameters'] or 0) / 1e6, '.1f')}M | "
         f"{t['layers']} |",
         f"| student (KD) | {_num(s['accuracy'])} | {_num((s['parameters'] or 0) / 1e6, '.1f')}M | "
-        f"{len(s['teacher_layers_copied'] or [])} (teacher layers {s['teacher_layers_copied']}) |",
+        f"{len(s['teacher_layers_copied'] or [])} (teacher layers {s['teacher_layers_copied']}"
+        + (f", width {s['hidden_size']}" if s.get("hidden_size") else "")
+        + ") |",
     ]
     if r["baseline_accuracy"] is not None:
         lines.append(f"| student, labels only (no KD) | {_num(r['baseline_accuracy'])} | same | same |")
     if r.get("labels"):
         lines += ["", "Classes (id: name): " + ", ".join(f"{i}: {name}" for i, name in enumerate(r["labels"])) + "."]
+    if s.get("unlabelled_rows"):
+        lines += ["", f"The student learnt from {s['train_rows']} rows, {s['unlabelled_rows']} of them unlabelled."]
     if r.get("kd_gain_points") is not None:
         lines += ["", f"KD gain over the no-KD baseline: {r['kd_gain_points']:+.2f} points."]
     if r["refine"]:

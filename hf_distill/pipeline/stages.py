@@ -52,11 +52,28 @@ def student_stage(ctx: RunContext) -> dict[str, Any]:
     from hf_distill.student import create_student
 
     s = ctx.config.student
-    student = create_student(_load(ctx.teacher_path()), num_layers=None if s.layers else s.num_layers, layers=s.layers)
+    widths = {"hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size}
+    widths["num_attention_heads"] = s.num_attention_heads
+    calibration = None
+    if any(v is not None for v in widths.values()):  # width pruning ranks units on real training rows
+        data, _ = ctx.tokenized()
+        train = data["train"]
+        calibration = train.select(range(min(s.calibration_size, len(train))))
+    student = create_student(
+        _load(ctx.teacher_path()),
+        num_layers=None if s.layers else s.num_layers,
+        layers=s.layers,
+        calibration_data=calibration,
+        **widths,
+    )
     student.save_pretrained(ctx.workspace.cut_student_dir)
     ctx.tokenizer().save_pretrained(ctx.workspace.cut_student_dir)
+    config = student.config
     return {
-        "layers": student.config.hf_distill_teacher_layers,
+        "layers": config.hf_distill_teacher_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
         "parameters": sum(x.numel() for x in student.parameters()),
     }
 
@@ -74,11 +91,16 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
     checkpoints = ctx.workspace.training_checkpoints(folder, stage_config(ctx.config, "distill"))
     overrides = {"alpha": alpha} if alpha is not None else {}
     args = ctx.config.distillation_config(str(checkpoints), **overrides)
+    train = data["train"]
+    if "unlabelled" in data and args.alpha > 0:  # the labels-only baseline (alpha 0) learns from labels alone
+        import datasets
+
+        train = datasets.concatenate_datasets([train, data["unlabelled"]])
     trainer = DistillationTrainer(
         model=_load(ctx.workspace.cut_student_dir),
         teacher=_load(ctx.teacher_path()),
         args=args,
-        train_dataset=data["train"],
+        train_dataset=train,
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
@@ -90,6 +112,8 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
     return {
         "accuracy": evaluate_accuracy(trainer.model, data["validation"], tokenizer),
         "alpha": args.alpha,
+        "train_rows": len(train),
+        "unlabelled_rows": len(train) - len(data["train"]),
         "log_history": trainer.state.log_history,
         "resumed_from": last,
     }

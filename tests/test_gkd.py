@@ -72,3 +72,27 @@ def test_generation_settings_are_checked():
     args = DistillationConfig(output_dir="x", lmbda=0.5, alpha=1.0, report_to="none")
     with pytest.raises(ValueError, match="need a causal-LM student"):
         DistillationTrainer(model=tiny_bert(2), teacher=tiny_bert(2), args=args)
+
+
+def test_on_policy_under_two_process_accelerate(tmp_path):
+    """lmbda 1 under a real 2-rank launch: every rank samples its own responses each step, DDP keeps one student."""
+    import json
+    import subprocess
+
+    from conftest import ROOT
+    from test_scaling import ACCELERATE_2_PROCESSES, _env
+
+    result = subprocess.run(
+        [*ACCELERATE_2_PROCESSES, str(ROOT / "tests" / "two_rank_gkd.py"), str(tmp_path)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [len(r["sampled"]) for r in ranks] == [2, 2]  # both steps generated on both ranks
+    assert ranks[0]["sampled"] != ranks[1]["sampled"]  # each rank its own shard and its own sampling stream
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)  # gradients were all-reduced
+    assert all(torch.isfinite(torch.tensor(r["kd_loss"])).all() and r["kd_loss"] for r in ranks)

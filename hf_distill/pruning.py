@@ -97,18 +97,20 @@ class KeptUnits:
 
 
 def calibration_batches(
-    data: Any, model: nn.Module, pad_id: int, batch_size: int, max_batches: int
+    data: Any, model: nn.Module, pad_id: int, batch_size: int, max_batches: int, *, labels: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     """Model-input batches from a tokenized ``datasets.Dataset`` (rows padded right) or a list of dicts of tensors.
 
-    Only ``input_ids``, ``attention_mask`` and (when the model takes them) ``token_type_ids`` are kept; at most
-    ``max_batches`` batches. Raises ValueError for other data or data without ``input_ids``.
+    Only ``input_ids``, ``attention_mask`` and (when the model takes them) ``token_type_ids`` are kept, and
+    ``labels`` too when asked and present (padded with -100); at most ``max_batches`` batches. Raises ValueError for
+    other data or data without ``input_ids``.
     """
     if min(batch_size, max_batches) < 1:
         raise ValueError(
             f"calibration_batch_size and num_calibration_batches must be >= 1, got {batch_size} and {max_batches}."
         )
     accepted = [k for k in MODEL_INPUTS if k in inspect.signature(model.forward).parameters]
+    accepted += ["labels"] if labels else []
     if hasattr(data, "column_names") and hasattr(data, "select"):
         if "input_ids" not in data.column_names:
             raise ValueError(
@@ -116,6 +118,8 @@ def calibration_batches(
             )
         rows = data.select(range(min(len(data), batch_size * max_batches)))
         columns = [k for k in accepted if k in rows.column_names]
+        if "labels" in columns and len(rows) and not isinstance(rows[0]["labels"], list):
+            columns.remove("labels")  # class labels, not per-token targets: nothing to score a language model on
         batches = [_pad_rows(rows[i : i + batch_size], columns, pad_id) for i in range(0, len(rows), batch_size)]
     elif isinstance(data, (list, tuple)) and all(isinstance(b, dict) for b in data):
         batches = []
@@ -144,7 +148,7 @@ def _pad_rows(rows: dict[str, list], columns: list[str], pad_id: int) -> dict[st
     ids = rows["input_ids"]
     width = max(len(r) for r in ids)
     source = {"attention_mask": [[1] * len(r) for r in ids], **rows}
-    fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+    fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
     return {
         k: torch.tensor([[int(t) for t in r] + [fill[k]] * (width - len(r)) for r in source[k]])
         for k in dict.fromkeys([*columns, "attention_mask"])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from hf_distill.depth import LayerChoice, resolve_method, select_layers
 from hf_distill.pruning import (
     FAMILIES,
     Family,
@@ -270,11 +271,32 @@ def _importance(
     return activation_importance(teacher, blocks, family, widths, batches)
 
 
+def _choose_layers(
+    teacher: PreTrainedModel,
+    num_layers: int | None,
+    layers: list[int] | None,
+    method: str,
+    prune: bool,
+    calibration: tuple[Any, int, int],
+) -> LayerChoice:
+    """The kept teacher blocks: explicit, uniform, or measured on the calibration data (``method``)."""
+    teacher_layers = teacher.config.num_hidden_layers
+    if method == "uniform":
+        return LayerChoice(_resolve_layers(teacher_layers, num_layers, layers, prune), "uniform")
+    _resolve_layers(teacher_layers, num_layers, None, prune)  # range check of num_layers before measuring
+    data, batch_size, max_batches = calibration
+    pad = getattr(teacher.config, "pad_token_id", None)
+    batches = calibration_batches(data, teacher, pad or 0, batch_size, max_batches, labels=True)
+    stack = find_layer_stack(teacher, teacher_layers)
+    return select_layers(teacher, stack, num_layers, method, batches)
+
+
 def create_student(
     teacher: PreTrainedModel,
     num_layers: int | None = None,
     layers: list[int] | None = None,
     *,
+    layer_selection: str | None = None,
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
     num_attention_heads: int | None = None,
@@ -286,22 +308,30 @@ def create_student(
     """Build a smaller student initialised from the teacher: fewer layers, and optionally narrower.
 
     Depth: the student is the teacher's own class with ``num_hidden_layers`` reduced; it copies the embeddings,
-    the chosen blocks (``layers``, 0-based teacher indices, or ``num_layers`` uniformly spaced ones) and everything
-    after the block stack (Sanh et al. 2019 showed this initialisation matters).
+    the chosen blocks and everything after the block stack (Sanh et al. 2019 showed this initialisation matters).
+    The blocks are ``layers`` (0-based teacher indices) or ``num_layers`` of them chosen by ``layer_selection``
+    (:mod:`hf_distill.depth`): ``"uniform"`` (evenly spaced), ``"block_influence"`` (ShortGPT),
+    ``"contiguous"``, ``"greedy"`` or ``"importance"`` (perplexity on the calibration data; causal LMs). The default
+    is ``"importance"`` for a causal LM given ``calibration_data``, else ``"uniform"``. The kept blocks are logged
+    and saved in the config (``hf_distill_teacher_layers``, ``hf_distill_layer_selection``).
 
     Width (BERT, RoBERTa, Llama, Qwen2, Mistral): ``hidden_size``, ``intermediate_size``, ``num_attention_heads``
     (and for GQA ``num_key_value_heads``) below the teacher's prune it structurally after the layer choice,
     Minitron-style (Muralidharan et al. 2024): hidden channels, MLP neurons and heads are ranked by activation
-    importance, measured on the whole teacher (the chosen blocks then use their own scores) over
-    ``calibration_data`` (a tokenized ``datasets.Dataset`` or a list of dicts of tensors; at most
-    ``num_calibration_batches`` batches of ``calibration_batch_size`` rows); the most important are kept and their
-    weights copied — embeddings, norms, pooler and head included. Without calibration data the ranking is by weight
-    magnitude (logged as a warning). Defaults: see :func:`student_widths`. The result is a plain model of the
-    smaller config: it saves, loads and exports like any other.
+    importance, measured on the whole teacher (the chosen blocks then use their own scores); the most important are
+    kept and their weights copied — embeddings, norms, pooler and head included. Without calibration data the
+    ranking is by weight magnitude (logged as a warning). Defaults: see :func:`student_widths`.
+
+    ``calibration_data`` is a tokenized ``datasets.Dataset`` or a list of dicts of tensors (at most
+    ``num_calibration_batches`` batches of ``calibration_batch_size`` rows); per-token ``labels`` (e.g. the
+    response tokens of :func:`hf_distill.chat.tokenize_chat`) decide which tokens layer selection scores. Greedy
+    selection runs about ``(L + n)(L − n) / 2`` passes over it (L teacher blocks, n kept): a few dozen rows suffice.
+    The result is a plain model of the smaller config: it saves, loads and exports like any other.
 
     Raises:
-        ValueError: not a PreTrainedModel, meta weights, bad layer choice, sizes larger than the teacher's or heads
-            that do not fit, an architecture width pruning does not support, unusable calibration data.
+        ValueError: not a PreTrainedModel, meta weights, bad layer choice or layer_selection, sizes larger than the
+            teacher's or heads that do not fit, an architecture width pruning does not support, unusable
+            calibration data.
     """
     if not isinstance(teacher, PreTrainedModel):
         raise ValueError(f"create_student needs a transformers PreTrainedModel, got {type(teacher).__name__}.")
@@ -310,23 +340,47 @@ def create_student(
     teacher_layers = _num_layers(teacher.config)
     requested = (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)
     prune = any(v is not None for v in requested)
-    layers = _resolve_layers(teacher_layers, num_layers, layers, prune)
+    method = resolve_method(teacher, num_layers, layers, layer_selection, calibration_data)
+    if not prune and calibration_data is not None and method == "uniform":
+        raise ValueError(
+            "calibration_data ranks units for width pruning and, for causal LMs, layers; pass hidden_size, "
+            "intermediate_size or num_attention_heads, or a layer_selection other than 'uniform', with it "
+            "(uniform layer dropping needs no calibration)."
+        )
+    widths = _widths(teacher, requested) if prune else None  # checked before any measurement
+    calibration = (calibration_data, calibration_batch_size, num_calibration_batches)
+    choice = _choose_layers(teacher, num_layers, layers, method, prune, calibration)
+    layers = choice.layers
+    stack = find_layer_stack(teacher, teacher_layers)
+    selection = {"method": choice.method, **choice.scores}
     if not prune:
-        if calibration_data is not None:
-            raise ValueError(
-                "calibration_data ranks units for width pruning; pass hidden_size, intermediate_size or "
-                "num_attention_heads with it (dropping layers needs no calibration)."
-            )
-        stack = find_layer_stack(teacher, teacher_layers)
-        logger.info("Created a %d-layer student from teacher layers %s", len(layers), layers)
-        return _cut_layers(teacher, stack, layers)
+        logger.info("Created a %d-layer student from teacher layers %s (%s)", len(layers), layers, choice.method)
+        student = _cut_layers(teacher, stack, layers)
+        student.config.hf_distill_layer_selection = selection
+        return student
+    student = _prune_width(teacher, stack, layers, widths, calibration)
+    student.config.hf_distill_layer_selection = selection
+    return student
+
+
+def _widths(teacher: PreTrainedModel, requested: tuple[int | None, ...]) -> tuple[Family, Widths, Widths]:
+    """(projection layout, teacher widths, student widths) of a width-pruning request; ValueError if it cannot be."""
     family = family_for(teacher.config)
     t_widths = model_widths(teacher.config, family)
-    s_widths = student_widths(t_widths, family, *requested)
-    stack = find_layer_stack(teacher, teacher_layers)
-    importance = _importance(
-        teacher, stack, family, t_widths, calibration_data, calibration_batch_size, num_calibration_batches
-    )
+    return family, t_widths, student_widths(t_widths, family, *requested)
+
+
+def _prune_width(
+    teacher: PreTrainedModel,
+    stack: str,
+    layers: list[int],
+    widths: tuple[Family, Widths, Widths],
+    calibration: tuple[Any, int, int],
+) -> PreTrainedModel:
+    """``layers`` of the teacher, narrowed to the student ``widths`` by importance."""
+    family, t_widths, s_widths = widths
+    data, batch_size, max_batches = calibration
+    importance = _importance(teacher, stack, family, t_widths, data, batch_size, max_batches)
     kept = choose_units(importance.select(layers), t_widths, s_widths)
     student = _narrow(_cut_layers(teacher, stack, layers), stack, family, kept, t_widths, s_widths)
     student.config.hf_distill_pruning = {"importance": importance.source, "teacher_hidden_size": t_widths.hidden}

@@ -6,7 +6,9 @@ Stages, each its own folder under `output_dir` (reused when present):
              `DistillationTrainer` trains it on prompt/response rows rendered through the chat template (labels on
              the assistant tokens only); the loss is the DistillationConfig's (`alpha`, `kd_loss`, `temperature`,
              `lmbda` / `seq_kd` for on-policy GKD, ...)
-  results.json  the run's settings, training throughput and the evaluation of teacher, cut and distilled student
+  results.json  the run's settings, training throughput and the evaluation of teacher, cut and distilled student:
+             ROUGE-L of greedy answers on --eval_size held-out rows (`evaluate_generation`), the teacher's
+             perplexity of those answers, a few samples
 
     python recipes/chat_distill.py recipes/configs/smollm2_chat.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/chat_distill.py recipes/configs/smollm2_chat.yaml \\
@@ -16,6 +18,7 @@ Sequence-level KD: write the teacher's answers first (`hf-distill generate`), th
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
@@ -46,6 +49,10 @@ class ScriptArguments:
     max_length: int = field(default=384, metadata={"help": "Tokens per conversation (longer ones are cut)."})
     student_layers: int = field(default=10, metadata={"help": "Layers of the student cut from the teacher."})
     layers: str = field(default="", metadata={"help": "Explicit 0-based teacher layers, comma-separated."})
+    layer_selection: str = field(
+        default="importance",
+        metadata={"help": "How the kept layers are chosen: importance (measured), block_influence, uniform, ..."},
+    )
     calibration_size: int = field(default=32, metadata={"help": "Training rows that rank the layers to keep."})
     eval_size: int = field(default=48, metadata={"help": "Held-out rows evaluated (0: skip evaluation)."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per evaluated answer."})
@@ -74,7 +81,26 @@ def chat_rows(path: str, size: int, seed: int) -> datasets.Dataset:
 def make_student(teacher: Any, script: ScriptArguments, calibration: datasets.Dataset) -> Any:
     if script.layers:
         return create_student(teacher, layers=[int(x) for x in script.layers.split(",")])
-    return create_student(teacher, num_layers=script.student_layers, calibration_data=calibration)
+    return create_student(
+        teacher,
+        num_layers=script.student_layers,
+        layer_selection=script.layer_selection,
+        calibration_data=None if script.layer_selection == "uniform" else calibration,
+    )
+
+
+def evaluate(models: dict[str, Any], teacher: Any, tokenizer: Any, script: ScriptArguments, seed: int) -> dict:
+    """ROUGE-L of greedy answers on the held-out rows, the teacher's perplexity of them, a few samples."""
+    from hf_distill.llm_eval import evaluate_generation
+
+    rows = chat_rows(script.eval_file, script.eval_size, seed)
+    return {
+        name: evaluate_generation(
+            model, tokenizer, rows, teacher=teacher, max_new_tokens=script.eval_max_new_tokens
+        ).to_dict()
+        | {"responses": None}
+        for name, model in models.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenized = tokenize_chat(rows, tokenizer, max_length=script.max_length)
     train = tokenized.dataset.select_columns(["input_ids", "attention_mask", "labels"])
     student = make_student(teacher, script, train.select(range(min(script.calibration_size, len(train)))))
+    cut = copy.deepcopy(student) if script.eval_size else None  # the untrained cut, scored beside the student
     results: dict[str, Any] = {
         "script": asdict(script),
         "kept_teacher_layers": student.config.hf_distill_teacher_layers,
@@ -107,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(str(root / "student"))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(root / "student")
+        if script.eval_size:
+            models = {"teacher": teacher, "cut_student": cut, "student": trainer.model}
+            results["evaluation"] = evaluate(models, teacher, tokenizer, script, args.seed)
         (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 

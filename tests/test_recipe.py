@@ -244,3 +244,26 @@ def test_recipe_yaml_config_with_overrides_and_unknown_key(tmp_path):
             (module.ScriptArguments, DistillationConfig), [str(ROOT / "recipes" / "configs" / f"{name}.yaml")]
         )
         assert isinstance(parsed, module.ScriptArguments)
+
+
+def test_chat_recipe_cuts_by_importance_distils_and_evaluates(tmp_path):
+    import chat_distill
+    from llm_assets import tiny_chat_llama
+
+    tiny_chat_llama(tmp_path / "teacher", layers=4)
+    rows = [{"prompt": f"Say {w} twice.", "response": f"{w} {w}"} for w in ("red", "green", "blue", "gold")] * 2
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    results = chat_distill.main(
+        ["--teacher", str(tmp_path / "teacher"), "--train_file", str(tmp_path / "train.jsonl")]
+        + ["--eval_file", str(tmp_path / "train.jsonl"), "--train_size", "8", "--max_length", "64"]
+        + ["--student_layers", "2", "--calibration_size", "4", "--eval_size", "2", "--eval_max_new_tokens", "4"]
+        + ["--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4"]
+        + ["--alpha", "1.0", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]
+    )
+    assert len(results["kept_teacher_layers"]) == 2 and results["train"]["tokens_per_s"] > 0
+    saved = json.loads((tmp_path / "run" / "student" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 2 and saved["hf_distill_layer_selection"]["method"] != "uniform"
+    evaluation = results["evaluation"]
+    assert set(evaluation) == {"teacher", "cut_student", "student"}
+    assert all(0 <= e["rouge_l"] <= 100 and e["teacher_perplexity"] > 1 for e in evaluation.values())
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["evaluation"]["student"]["num_rows"] == 2

@@ -161,6 +161,8 @@ def test_foreign_or_changed_output_dir_is_refused(assets, tmp_path, capsys):
     [
         ("export.variants=[int9]", "Config key 'export.variants' must be a non-empty list from ["),
         ("export.variants=[]", "Config key 'export.variants' must be a non-empty list from ["),
+        ("export.engine=onnx", "Config key 'export.engine' must be one of ['auto', 'genai', 'torch']"),
+        ("export.engine=genai", "export.engine 'genai' (onnxruntime-genai, KV cache) exports decoder LMs"),
         ("refine.method=prompt_tunning", "Config key 'refine.method' must be one of ['lora', 'p_tuning'"),
         ("refine.num_virtual_tokens=0", "Config key 'refine.num_virtual_tokens' must be > 0, got 0"),
         ("bench.batch_sizes=[1,0]", "Config key 'bench.batch_sizes' must be a non-empty list of integers > 0"),

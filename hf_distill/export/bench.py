@@ -213,6 +213,11 @@ def _read_export(export_dir: Path, variants: Sequence[str] | None) -> tuple[dict
         available = {r["variant"]: r for r in report["variants"] if r["passed"]}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{report_path} is not a valid export report ({type(err).__name__}: {err}).") from err
+    if report.get("format") == "hf_distill-genai/1":
+        raise ValueError(
+            f"{str(export_dir)!r} is a decoder-LM export with a KV cache (onnxruntime-genai): time it with "
+            "benchmark_llm (hf_distill.export.bench_llm), which `hf-distill bench` uses for such folders."
+        )
     chosen = list(variants or available)
     missing = [v for v in chosen if v not in available]
     if missing:

@@ -57,9 +57,12 @@ def test_run_all_stages_then_skip_them(assets, tmp_path, capsys):
     assert report["teacher"]["layers"] == 2 and report["student"]["teacher_layers_copied"] == [1]
     assert report["baseline_accuracy"] is not None and "kd_gain_points" in report
     assert {e["variant"] for e in report["export"]} == {"fp32", "int8_dynamic"}
+    assert report["export_engine"]["engine"] == "torch.onnx" and not report["export_engine"]["kv_cache"]
+    assert "not a decoder LM" in report["export_engine"]["engine_reason"]
     assert {x["variant"] for x in report["latency"]} == {"teacher_fp32", "student_fp32", "fp32", "int8_dynamic"}
     text = (out / "REPORT.md").read_text()
     assert "| teacher" in text and "ONNX variants" in text and f"hf-distill run {config_path}" in text
+    assert "Exporter: torch.onnx, no KV cache" in text
     assert (out / "bench.png").is_file()
     model_file = out / "distill" / "student" / "model" / "model.safetensors"
     before = model_file.stat().st_mtime_ns

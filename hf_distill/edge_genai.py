@@ -46,7 +46,10 @@ def _manifest(folder: Path) -> dict | None:
 def is_genai_export(folder: str | Path) -> bool:
     """A decoder-LM export: an hf_distill-genai/1 manifest, or one bare onnxruntime-genai variant folder."""
     folder = Path(folder)
-    manifest = _manifest(folder)
+    try:
+        manifest = _manifest(folder)
+    except SystemExit:  # an unreadable manifest: whoever loads the folder reports it
+        return False
     return (manifest or {}).get("format") == GENAI_FORMAT or (manifest is None and (folder / GENAI_CONFIG).is_file())
 
 

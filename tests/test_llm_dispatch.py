@@ -83,7 +83,7 @@ def test_qwen2_exports_with_a_kv_cache_and_generates_what_pytorch_generates(qwen
     assert genai_greedy(root / "onnx" / "fp32", [prompt], 20)[0] == _greedy(model, prompt, 20)
 
 
-def test_lora_adapted_cut_goes_through_genai_with_the_adapter_merged(tmp_path):
+def test_lora_adapted_cut_goes_through_genai_with_the_adapter_merged(tmp_path, caplog):
     llama, tokenizer = tiny_chat_llama()
     cut = create_student(llama, num_layers=1).eval()
     student = make_peft_student(copy.deepcopy(cut), prompt_refine_config("causal-lm", method="lora")).eval()
@@ -92,9 +92,11 @@ def test_lora_adapted_cut_goes_through_genai_with_the_adapter_merged(tmp_path):
         if "lora_B" in name:  # LoRA starts as the identity; make the merge matter
             param.data.normal_(0, 0.05)
     data = datasets.Dataset.from_dict({"text": CORPUS})
-    report = export_onnx(
-        student, tmp_path / "onnx", variants=["fp32"], validation_data=data, tokenizer=tokenizer, text_column="text"
-    )
+    with caplog.at_level(logging.INFO, logger="hf_distill"):
+        report = export_onnx(
+            student, tmp_path / "onnx", variants=["fp32"], validation_data=data, tokenizer=tokenizer, text_column="text"
+        )
+    assert any("LlamaForCausalLM: exporting with a KV cache" in r.getMessage() for r in caplog.records)
     assert report["engine"] == GENAI and report["variants"][0]["passed"]
     assert "lora_A" in " ".join(n for n, _ in student.named_parameters())  # the caller's model keeps its adapter
     ids = tokenizer(CORPUS[0])["input_ids"]
@@ -203,3 +205,16 @@ def test_edge_errors_are_one_line(qwen, tmp_path):
         ran = _edge(*args)
         err = ran.stderr.strip()
         assert ran.returncode != 0 and message in err and len(err.splitlines()) == 1, (args, err)
+
+
+def test_peak_rss_is_the_engine_process_own():
+    """A spawned engine reports its own peak, not the benchmark's (ru_maxrss carries the parent's across exec)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from hf_distill.export.bench import peak_rss_mb
+
+    ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB in the parent
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child = pool.submit(peak_rss_mb).result()
+    assert 0 < child < peak_rss_mb() - 1000 and ballast[-1] == 1.0

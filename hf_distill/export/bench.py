@@ -51,6 +51,23 @@ def machine_info(threads: int | None) -> dict[str, Any]:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` of ``/proc/self/status``, its own memory map's mark.
+
+    Not getrusage's ``ru_maxrss`` on Linux: a spawned engine process starts as a fork of the benchmark and Linux
+    carries the high-water mark across exec, so every engine would report at least the parent's peak (a 30 MB child
+    of a 410 MB parent reports 410 MB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: macOS reports bytes, others KiB
+    return peak / (1024.0 * 1024.0 if platform.system() == "Darwin" else 1024.0)
+
+
 def _latencies(run: Any, warmup: int, runs: int) -> np.ndarray:
     for _ in range(warmup):
         run()
@@ -125,7 +142,7 @@ def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
                         "throughput_per_s": float(batch * 1000.0 / times.mean()),
                     }
                 )
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    peak_mb = peak_rss_mb()
     return [{**row, "peak_rss_mb": peak_mb} for row in rows]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import resource
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -90,8 +89,9 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     for batch in spec["batch_sizes"]:
         seconds = np.median([engine.run(_prompt(batch, 16, vocab), spec["new_tokens"])[1] for _ in range(runs)])
         decode[str(batch)] = float(batch * (spec["new_tokens"] - 1) / seconds)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-    return {"ttft_ms": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak}
+    from hf_distill.export.bench import peak_rss_mb
+
+    return {"ttft_ms": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak_rss_mb()}
 
 
 def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class EngineChoice:
     reason: str
     architecture: str
     kv_cache: bool
+    causal_lm: bool  # a decoder LM: exported without a KV cache, it re-reads the whole sequence for each token
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "engine_reason": self.reason, "kv_cache": self.kv_cache}
@@ -99,31 +100,32 @@ def choose_engine(model: Any, engine: str = "auto") -> EngineChoice:
     if engine not in ENGINES:
         raise ValueError(f"Unknown export engine {engine!r}; choose from {list(ENGINES)}.")
     architecture, prompt_learning = _architecture(model)
+    causal = _is_causal(model)
     if engine == "torch":
-        reason = "engine='torch' requested"
-        return EngineChoice(TORCH, reason + (" (no KV cache)" if _is_causal(model) else ""), architecture, False)
-    reason = _why_not_genai(model, architecture, prompt_learning)
+        reason = "engine='torch' requested" + (" (no KV cache)" if causal else "")
+        return EngineChoice(TORCH, reason, architecture, False, causal)
+    reason = _why_not_genai(causal, architecture, prompt_learning)
     if reason is None:
         reason = f"{architecture} is supported by onnxruntime-genai's model builder: KV cache, fused attention"
-        return EngineChoice(GENAI, reason, architecture, True)
+        return EngineChoice(GENAI, reason, architecture, True, causal)
     if engine == "genai":
         raise ValueError(
             f"onnxruntime-genai cannot export this model: {reason}. export_onnx with engine='auto' or 'torch' "
             "exports it without a KV cache."
         )
-    return EngineChoice(TORCH, reason, architecture, False)
+    return EngineChoice(TORCH, reason, architecture, False, causal)
 
 
 def _is_causal(model: Any) -> bool:
     try:
         return infer_task(model) is Task.CAUSAL_LM
-    except ValueError:
+    except ValueError:  # a head hf_distill does not know: export_onnx reports it
         return False
 
 
-def _why_not_genai(model: Any, architecture: str, prompt_learning: bool) -> str | None:
-    """Why onnxruntime-genai cannot export ``model`` (None: it can)."""
-    if not _is_causal(model):
+def _why_not_genai(causal: bool, architecture: str, prompt_learning: bool) -> str | None:
+    """Why onnxruntime-genai cannot export the model (None: it can)."""
+    if not causal:
         return f"{architecture} is not a decoder LM (nothing is generated, so no KV cache is needed)"
     if prompt_learning:
         return (

@@ -172,6 +172,7 @@ def _prepare(model_or_dir: Any, tokenizer: Any) -> tuple[Any, Any, EngineChoice]
     else:
         model = copy.deepcopy(model_or_dir)  # never modify the caller's model
     choice = choose_engine(model, "genai")  # the one rule shared with export_onnx, the CLI and the pipeline
+    logger.info("%s: exporting with a KV cache through %s (%s)", choice.architecture, choice.engine, choice.reason)
     if getattr(model, "active_peft_config", None) is not None:  # LoRA-style: folded into the copy's weights
         model = model.merge_and_unload()
     if tokenizer is None:

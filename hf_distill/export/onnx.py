@@ -29,7 +29,7 @@ from hf_distill.export.inputs import input_names_for, pad_id, tokenization_rule,
 from hf_distill.export.plan import ExportPlan, eval_mode, load_for_export
 from hf_distill.export.validate import GateError, Reference, evaluate_torch, validate_variant, variant_table
 from hf_distill.export.variants import INT8_LADDER, VARIANT_FILES, build_variant
-from hf_distill.tasks import Task, infer_task
+from hf_distill.tasks import Task
 
 logger = logging.getLogger(__name__)
 MANIFEST = "hf_distill_manifest.json"
@@ -112,7 +112,7 @@ def export_onnx(
             overwrite=overwrite,
         )
         return _export_genai(source, output_dir, variants, validation_data, tokenizer or folder_tokenizer, llm_options)
-    _log_fallback(loaded, choice)
+    _log_fallback(choice)
     variants = DEFAULT_VARIANTS if variants is None else variants
     _check_variants(variants)
     max_metric_drop = 1.0 if max_metric_drop is None else max_metric_drop
@@ -164,9 +164,9 @@ def _export_genai(
     )
 
 
-def _log_fallback(model: Any, choice: EngineChoice) -> None:
+def _log_fallback(choice: EngineChoice) -> None:
     """A decoder LM exported without a KV cache costs the square of the sequence length per answer: say so."""
-    if infer_task(model) is not Task.CAUSAL_LM:
+    if not choice.causal_lm:
         logger.info("Exporter %s: %s", choice.engine, choice.reason)
         return
     logger.warning(

@@ -28,6 +28,8 @@ _EXPORTS = {
     "load_model": "hf_distill.loading",
     "export_onnx": "hf_distill.export",
     "benchmark": "hf_distill.export",
+    "export_llm": "hf_distill.export",
+    "benchmark_llm": "hf_distill.export",
     "GateError": "hf_distill.export",
 }
 
@@ -38,10 +40,12 @@ __all__ = [
     "KD_LOSSES",
     "Task",
     "benchmark",
+    "benchmark_llm",
     "cache_teacher_logits",
     "classification_metrics",
     "create_student",
     "distillation_loss",
+    "export_llm",
     "export_onnx",
     "infer_task",
     "load_model",
@@ -53,7 +57,7 @@ __all__ = [
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from hf_distill.cache import cache_teacher_logits
     from hf_distill.config import DistillationConfig
-    from hf_distill.export import GateError, benchmark, export_onnx
+    from hf_distill.export import GateError, benchmark, benchmark_llm, export_llm, export_onnx
     from hf_distill.loading import load_model
     from hf_distill.losses import KD_LOSSES, distillation_loss, register_kd_loss
     from hf_distill.metrics import classification_metrics

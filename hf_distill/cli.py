@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hf_distill.export.engine import ENGINES
+from hf_distill.export.genai import GENAI_VARIANTS
 from hf_distill.export.variants import VARIANT_FILES
 
 
@@ -58,9 +60,17 @@ def _add_export(exp: argparse.ArgumentParser) -> None:
     exp.add_argument("--data", required=True, help="Validation data (.tsv/.csv/.jsonl or save_to_disk folder).")
     exp.add_argument("--calibration-data", default=None, help="Calibration data for int8_static (default: --data).")
     exp.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="auto (default): decoder LMs that onnxruntime-genai's builder supports export with a KV cache, "
+        "everything else through torch.onnx; torch: force the no-cache graph; genai: require onnxruntime-genai.",
+    )
+    exp.add_argument(
         "--variants",
-        default="fp32,fp32_optimized,int8_dynamic",
-        help=f"Comma-separated, from {','.join(VARIANT_FILES)}.",
+        default=None,
+        help=f"Comma-separated. torch.onnx: from {','.join(VARIANT_FILES)} (default fp32,fp32_optimized,"
+        f"int8_dynamic); onnxruntime-genai: from {','.join(GENAI_VARIANTS)} (default int4).",
     )
     exp.add_argument("--text-column", default="sentence")
     exp.add_argument(
@@ -76,9 +86,15 @@ def _add_export(exp: argparse.ArgumentParser) -> None:
     exp.add_argument(
         "--max-metric-drop",
         type=float,
-        default=1.0,
-        help="Accuracy or R² points (perplexity: percent) a variant may lose; NaN/inf outputs always fail.",
+        default=None,
+        help="Accuracy or R² points (default 1) or perplexity percent (default 1; onnxruntime-genai: 5) a variant "
+        "may lose; NaN/inf outputs always fail.",
     )
+    llm = exp.add_argument_group("decoder LMs through onnxruntime-genai")
+    llm.add_argument("--min-greedy-agreement", type=float, default=0.8, help="Share of PyTorch's greedy tokens.")
+    llm.add_argument("--num-prompts", type=int, default=8, help="Prompts for the greedy agreement.")
+    llm.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size.")
+    llm.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy level (1 fp32 .. 4 int8).")
     exp.add_argument("--allow-failed", action="store_true", help="Keep variants that fail the gate, marked failed.")
     exp.add_argument("--force", action="store_true", help="Replace an existing output folder.")
 
@@ -89,10 +105,13 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--teacher", default=None, help="Saved teacher folder (PyTorch eager row).")
     bench.add_argument("--teacher-metric", type=float, default=None, help="Teacher's metric, for the table.")
     bench.add_argument("--variants", default=None, help="Comma-separated variants (default: all that passed).")
-    bench.add_argument("--batch-sizes", type=_ints, default=[1, 8])
-    bench.add_argument("--seq-lens", type=_ints, default=[64, 128])
-    bench.add_argument("--warmup", type=int, default=5)
-    bench.add_argument("--runs", type=int, default=30)
+    bench.add_argument("--batch-sizes", type=_ints, default=None, help="Default 1,8 (decoder LMs: 1,4).")
+    bench.add_argument(
+        "--seq-lens", type=_ints, default=None, help="Default 64,128 (decoder LMs: prompt lengths 128,512)."
+    )
+    bench.add_argument("--warmup", type=int, default=5, help="Untimed runs per row (classifier exports).")
+    bench.add_argument("--runs", type=int, default=None, help="Timed runs per row: default 30 (decoder LMs: 3).")
+    bench.add_argument("--new-tokens", type=int, default=64, help="Generated tokens per decode run (decoder LMs).")
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--output-dir", default=None, help="Where bench.json/md/png go (default: the export folder).")
 
@@ -254,7 +273,7 @@ def _export(args: argparse.Namespace) -> None:
     report = export_onnx(
         args.model_dir,
         args.output_dir,
-        variants=[v for v in args.variants.split(",") if v],
+        variants=[v for v in args.variants.split(",") if v] if args.variants is not None else None,
         validation_data=data,
         calibration_data=calibration,
         text_column=args.text_column,
@@ -266,12 +285,38 @@ def _export(args: argparse.Namespace) -> None:
         max_metric_drop=args.max_metric_drop,
         fail_on_gate=not args.allow_failed,
         overwrite=args.force,
+        engine=args.engine,
+        min_greedy_agreement=args.min_greedy_agreement,
+        num_prompts=args.num_prompts,
+        block_size=args.block_size,
+        accuracy_level=args.accuracy_level,
     )
     print("\n" + variant_table(report["variants"], report["reference"]["metric"]))
-    print(f"\nwrote {args.output_dir}")
+    cache = "with a KV cache" if report["kv_cache"] else "without a KV cache"
+    print(f"\nexporter: {report['engine']}, {cache} ({report['engine_reason']})")
+    print(f"wrote {args.output_dir}")
 
 
 def _bench(args: argparse.Namespace) -> None:
+    from hf_distill.edge_genai import is_genai_export
+
+    variants = args.variants.split(",") if args.variants else None
+    if Path(args.export_dir).is_dir() and is_genai_export(args.export_dir):
+        from hf_distill.export.bench_llm import benchmark_llm
+
+        benchmark_llm(
+            args.export_dir,
+            student=args.student,
+            teacher=args.teacher,
+            variants=variants,
+            prompt_lens=args.seq_lens or [128, 512],
+            batch_sizes=args.batch_sizes or [1, 4],
+            new_tokens=args.new_tokens,
+            runs=args.runs or 3,
+            threads=args.threads,
+            output_dir=args.output_dir,
+        )
+        return
     from hf_distill.export import benchmark
 
     benchmark(
@@ -279,11 +324,11 @@ def _bench(args: argparse.Namespace) -> None:
         student=args.student,
         teacher=args.teacher,
         teacher_metric=args.teacher_metric,
-        variants=args.variants.split(",") if args.variants else None,
-        batch_sizes=args.batch_sizes,
-        seq_lens=args.seq_lens,
+        variants=variants,
+        batch_sizes=args.batch_sizes or [1, 8],
+        seq_lens=args.seq_lens or [64, 128],
         warmup=args.warmup,
-        runs=args.runs,
+        runs=args.runs or 30,
         threads=args.threads,
         output_dir=args.output_dir,
     )

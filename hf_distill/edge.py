@@ -5,10 +5,12 @@
     printf 'first\tsecond\n' | python edge_runner.py MODEL_DIR                  # stdin: a tab splits a pair
     python edge_runner.py MODEL_DIR --generate "ROMEO:" --max-new-tokens 20   # greedy generation (causal LM)
     python edge_runner.py MODEL_DIR --variant fp32 --threads 1 "text"
+    python edge_runner.py LLM_DIR --chat                                       # decoder LM with a KV cache
 
 MODEL_DIR is the folder written by `hf-distill export` (it holds hf_distill_manifest.json, tokenizer.json and the
 .onnx files). Output: one JSON object per line (classification: label, label_id, score, probabilities; regression
-heads: value).
+heads: value). A decoder-LM export with a KV cache (manifest format hf_distill-genai/1, or a bare folder with
+genai_config.json) is handed to edge_genai.py (onnxruntime-genai and numpy; streaming, chat template, --chat).
 
 Tokenization follows the manifest's rule (the same one the export wrote into tokenizer.json): pad each batch to its
 longest row on the right, truncate to `max_length` tokens (longest text of a pair first), and feed the encoding's
@@ -22,10 +24,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+
+if TYPE_CHECKING:  # imported where a classifier export is loaded: a decoder-LM device needs no tokenizers package
+    from tokenizers import Tokenizer
 
 MANIFEST = "hf_distill_manifest.json"
 Text = str | tuple[str, str]  # one text, or a sentence pair
@@ -85,6 +90,8 @@ class EdgeModel:
         if not self.manifest.get("tokenizer"):
             raise _fail("this export has no tokenizer.json; export from a folder that holds the tokenizer.")
         path = self.folder / self.manifest["tokenizer"]
+        from tokenizers import Tokenizer
+
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a plain Exception for a bad file
@@ -211,10 +218,22 @@ def read_inputs(texts: list[str], pairs: list[list[str]] | None, stdin: object) 
     return [tuple(line.split("\t", 1)) if "\t" in line else line for line in lines]
 
 
-def main(argv: list[str] | None = None) -> None:
+# Options of decoder-LM exports with a KV cache, which edge_genai.py runs (with --generate, --variant, --threads,
+# --max-new-tokens and one prompt), as parsed here: (flag, attribute, default).
+_LLM_OPTIONS = (
+    ("--chat", "chat", False),
+    ("--system", "system", None),
+    ("--do-sample", "do_sample", False),
+    ("--temperature", "temperature", None),
+    ("--top-p", "top_p", None),
+    ("--top-k", "top_k", None),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
-    parser.add_argument("texts", nargs="*", help="Texts to classify.")
+    parser.add_argument("texts", nargs="*", help="Texts to classify (decoder-LM exports: the one prompt).")
     parser.add_argument(
         "--pair",
         nargs=2,
@@ -224,13 +243,66 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--variant", default=None, help="Variant to run (default: the manifest's default_variant).")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-    parser.add_argument("--generate", default=None, help="Prompt for greedy generation (causal-LM exports).")
+    parser.add_argument("--generate", default=None, help="Prompt for generation (causal-LM exports).")
     parser.add_argument("--prompt", default=None, help="Soft-prompt .npy file (exports with a prompt input).")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="Generated tokens (default 32; LLMs 128).")
+    llm = parser.add_argument_group("decoder-LM exports with a KV cache (onnxruntime-genai; see edge_genai.py)")
+    llm.add_argument("--chat", action="store_true", help="Interactive chat: one user message per stdin line.")
+    llm.add_argument("--system", default=None, help="System prompt.")
+    llm.add_argument("--do-sample", action="store_true", help="Sample (default: greedy).")
+    llm.add_argument("--temperature", type=float, default=None)
+    llm.add_argument("--top-p", type=float, default=None)
+    llm.add_argument("--top-k", type=int, default=None)
+    return parser
+
+
+def is_genai_export(folder: Path) -> bool:
+    """A decoder-LM export for onnxruntime-genai: its manifest says so, or a bare variant folder (genai_config.json)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return (folder / "genai_config.json").is_file()
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False  # EdgeModel reports the broken manifest
+    return isinstance(manifest, dict) and manifest.get("format") == "hf_distill-genai/1"
+
+
+def _run_genai(argv: list[str]) -> None:
+    """Hand a decoder-LM export to the streaming runner (hf_distill/edge_genai.py, or edge_genai.py beside this file
+    when it was copied on its own)."""
+    try:
+        from hf_distill import edge_genai
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        try:
+            import edge_genai
+        except ImportError as err:
+            raise _fail("a decoder-LM export needs edge_genai.py beside this runner (copy it too).") from err
+    edge_genai.main(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_intermixed_args(argv)
+    folder = Path(args.model_dir)
+    if not folder.is_dir():
+        raise _fail(f"{folder} does not exist; pass a folder written by `hf-distill export`.")
+    if is_genai_export(folder):
+        if args.pair or args.prompt or len(args.texts) > 1:
+            raise _fail("a decoder-LM export takes one prompt (or --chat); --pair and --prompt are for classifiers.")
+        _run_genai(argv)
+        return
+    llm_only = [flag for flag, name, default in _LLM_OPTIONS if getattr(args, name) != default]
+    if llm_only:
+        raise _fail(
+            f"{', '.join(llm_only)} need a decoder-LM export with a KV cache (onnxruntime-genai); {folder} is not "
+            "one. Re-export a causal LM with `hf-distill export` (--engine auto); a classifier takes texts."
+        )
     model = EdgeModel(args.model_dir, args.variant, args.threads, args.prompt)
     if args.generate is not None:
-        print(json.dumps({"prompt": args.generate, "text": model.generate(args.generate, args.max_new_tokens)}))
+        text = model.generate(args.generate, args.max_new_tokens or 32)
+        print(json.dumps({"prompt": args.generate, "text": text}))
         return
     inputs = read_inputs(args.texts, args.pair, sys.stdin)
     if not inputs:

@@ -5,7 +5,8 @@
     python edge_genai.py MODEL_DIR "Tell a story" --do-sample --temperature 0.8 --top-p 0.9 --max-new-tokens 64
 
 MODEL_DIR is the folder written by `hf-distill export` for a decoder LM (hf_distill_manifest.json of format
-hf_distill-genai/1 and one onnxruntime-genai folder per variant). Needs only onnxruntime-genai and numpy.
+hf_distill-genai/1 and one onnxruntime-genai folder per variant), or one variant folder copied on its own
+(genai_config.json, model.onnx, tokenizer). Needs only onnxruntime-genai and numpy.
 Also reachable as `hf-distill-edge MODEL_DIR --chat` where hf_distill is installed.
 """
 
@@ -21,41 +22,90 @@ import numpy as np
 
 MANIFEST = "hf_distill_manifest.json"
 GENAI_FORMAT = "hf_distill-genai/1"
+GENAI_CONFIG = "genai_config.json"
+
+
+def _one_line(err: BaseException) -> str:
+    """An onnxruntime-genai error (often several lines, with a C++ location) as one short line."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:400]
+
+
+def _manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SystemExit(f"error: {path} is not valid JSON ({err}); copy the export folder again.") from err
+    if not isinstance(manifest, dict):
+        raise SystemExit(f"error: {path} is not an hf_distill manifest; copy the export folder again.")
+    return manifest
 
 
 def is_genai_export(folder: str | Path) -> bool:
-    path = Path(folder) / MANIFEST
-    return path.is_file() and json.loads(path.read_text()).get("format") == GENAI_FORMAT
+    """A decoder-LM export: an hf_distill-genai/1 manifest, or one bare onnxruntime-genai variant folder."""
+    folder = Path(folder)
+    try:
+        manifest = _manifest(folder)
+    except SystemExit:  # an unreadable manifest: whoever loads the folder reports it
+        return False
+    return (manifest or {}).get("format") == GENAI_FORMAT or (manifest is None and (folder / GENAI_CONFIG).is_file())
 
 
 class EdgeLM:
-    """An exported decoder LM with its KV cache, loaded with onnxruntime-genai."""
+    """An exported decoder LM with its KV cache, loaded with onnxruntime-genai.
 
-    def __init__(self, folder: str | Path, variant: str | None = None) -> None:
-        import onnxruntime_genai as og
+    ``folder``: an `hf-distill export` folder (manifest, one subfolder per variant) or a single variant folder
+    (``genai_config.json``, copied on its own). ``threads``: onnxruntime intra-op threads (default: all cores).
+    """
 
-        self.og, self.folder = og, Path(folder)
-        manifest_path = self.folder / MANIFEST
-        if not manifest_path.is_file():
-            raise SystemExit(f"error: {manifest_path} not found; pass a folder written by `hf-distill export`.")
-        manifest = json.loads(manifest_path.read_text())
+    def __init__(self, folder: str | Path, variant: str | None = None, threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        model_dir = self._variant_folder(variant)
+        try:
+            import onnxruntime_genai as og
+        except ImportError as err:
+            raise SystemExit(
+                "error: decoder-LM exports run on onnxruntime-genai: pip install onnxruntime-genai"
+            ) from err
+        self.og = og
+        try:
+            config = og.Config(str(model_dir))
+            if threads:
+                options = {"intra_op_num_threads": int(threads)}
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+            self.model = og.Model(config)
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as err:  # onnxruntime-genai raises its own error types for a damaged folder
+            raise SystemExit(
+                f"error: cannot load {model_dir} ({_one_line(err)}); the files are missing or corrupted. "
+                "Copy the export folder again or re-run `hf-distill export`."
+            ) from err
+
+    def _variant_folder(self, variant: str | None) -> Path:
+        """The onnxruntime-genai folder to load; a clear one-line error for anything else."""
+        if not self.folder.is_dir():
+            raise SystemExit(f"error: {self.folder} does not exist; pass a folder written by `hf-distill export`.")
+        manifest = _manifest(self.folder)
+        if manifest is None:
+            if (self.folder / GENAI_CONFIG).is_file():  # one variant folder copied on its own
+                self.variant = variant or self.folder.name
+                return self.folder
+            raise SystemExit(
+                f"error: {self.folder} holds neither {MANIFEST} nor {GENAI_CONFIG}; pass a folder written by "
+                "`hf-distill export`."
+            )
         if manifest.get("format") != GENAI_FORMAT:
             raise SystemExit(
                 f"error: {self.folder} is a {manifest.get('task')} export without a KV cache; chat and streaming "
                 "need a decoder-LM export made with onnxruntime-genai (hf-distill export of a causal LM)."
             )
-        variants = manifest["variants"]
+        variants = manifest.get("variants") or {}
         self.variant = variant or manifest.get("default_variant")
         if self.variant not in variants:
             raise SystemExit(f"error: variant {self.variant!r} is not in this export; available: {sorted(variants)}.")
-        try:
-            self.model = og.Model(str(self.folder / variants[self.variant]))
-        except Exception as err:  # onnxruntime-genai raises its own error types for a damaged folder
-            raise SystemExit(
-                f"error: cannot load {self.folder / variants[self.variant]} ({type(err).__name__}: {err}); the "
-                "files are missing or corrupted. Copy the export folder again or re-run `hf-distill export`."
-            ) from err
-        self.tokenizer = og.Tokenizer(self.model)
+        return self.folder / variants[self.variant]
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> np.ndarray:
         """The chat template applied to ``messages``, with the assistant's generation prompt, as token ids."""
@@ -107,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
     parser.add_argument("prompt", nargs="?", default=None, help="One user message (omit with --chat).")
+    parser.add_argument("--generate", default=None, help="Same as the prompt argument (hf-distill-edge's spelling).")
     parser.add_argument("--chat", action="store_true", help="Interactive chat: one user message per stdin line.")
     parser.add_argument("--system", default=None, help="System prompt.")
     parser.add_argument("--variant", default=None, help="Variant to run (default: the manifest's default_variant).")
@@ -115,12 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=50)
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+    args = parser.parse_intermixed_args(argv)
+    args.prompt = args.prompt if args.generate is None else args.generate
     if args.max_new_tokens < 1 or (args.do_sample and args.temperature <= 0):
         raise SystemExit("error: --max-new-tokens must be >= 1 and --temperature > 0 when sampling.")
     if args.prompt is None and not args.chat:
         raise SystemExit("error: give a prompt, or --chat for an interactive session.")
-    model = EdgeLM(args.model_dir, args.variant)
+    model = EdgeLM(args.model_dir, args.variant, args.threads)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if not args.chat:
         _answer(model, [*history, {"role": "user", "content": args.prompt}], args)

@@ -1,4 +1,5 @@
-"""A tiny Llama with a real byte-level BPE tokenizer and a chat template, saved as a user's model folder would be.
+"""A tiny Llama (and Qwen2) with a real byte-level BPE tokenizer and a chat template, saved as a user's model folder
+would be.
 
 The model builder of onnxruntime-genai finds the LM head by its output size, so intermediate_size must differ from
 the vocabulary size (176 vs 300 here).
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -38,22 +39,34 @@ def byte_bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_chat_llama(folder: Path | None = None, layers: int = 2, seed: int = 0) -> tuple[LlamaForCausalLM, object]:
-    tokenizer = byte_bpe_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+def _tiny_config(config_class: type, vocab_size: int, layers: int) -> object:
+    return config_class(
+        vocab_size=vocab_size,
         hidden_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=176,
+        intermediate_size=176,  # not the vocabulary size: the builder finds the LM head by its output size
         max_position_embeddings=256,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
+
+
+def tiny_chat_llama(folder: Path | None = None, layers: int = 2, seed: int = 0) -> tuple[LlamaForCausalLM, object]:
+    return _tiny_chat(LlamaConfig, LlamaForCausalLM, folder, layers, seed)
+
+
+def tiny_chat_qwen2(folder: Path | None = None, layers: int = 2, seed: int = 0) -> tuple[Qwen2ForCausalLM, object]:
+    return _tiny_chat(Qwen2Config, Qwen2ForCausalLM, folder, layers, seed)
+
+
+def _tiny_chat(config_class: type, model_class: type, folder: Path | None, layers: int, seed: int) -> tuple:
+    tokenizer = byte_bpe_tokenizer()
+    torch.manual_seed(seed)
+    model = model_class(_tiny_config(config_class, len(tokenizer), layers)).eval()
     if folder is not None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

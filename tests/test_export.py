@@ -104,9 +104,15 @@ def test_int8_ladder_climbs_until_a_rung_passes(tmp_path):
 def test_causal_lm_perplexity_and_int4(tmp_path):
     model = tiny_llama(2, hidden=64, seed=1)
     data = lm_dataset(16, 1)
-    report = export_onnx(
-        model, tmp_path / "lm", variants=["fp32", "int8_dynamic", "int4"], validation_data=data, max_metric_drop=1000.0
+    report = export_onnx(  # the no-cache torch.onnx graph (engine auto would build KV-cache variants)
+        model,
+        tmp_path / "lm",
+        variants=["fp32", "int8_dynamic", "int4"],
+        validation_data=data,
+        max_metric_drop=1000.0,
+        engine="torch",
     )
+    assert report["engine"] == "torch.onnx" and report["kv_cache"] is False
     rows = {r["variant"]: r for r in report["variants"]}
     assert rows["fp32"]["metric"] == "perplexity" and rows["fp32"]["max_abs_diff"] < 1e-3
     assert rows["fp32"]["metric_value"] == pytest.approx(report["reference"]["value"], rel=1e-4)

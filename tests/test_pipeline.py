@@ -57,9 +57,12 @@ def test_run_all_stages_then_skip_them(assets, tmp_path, capsys):
     assert report["teacher"]["layers"] == 2 and report["student"]["teacher_layers_copied"] == [1]
     assert report["baseline_accuracy"] is not None and "kd_gain_points" in report
     assert {e["variant"] for e in report["export"]} == {"fp32", "int8_dynamic"}
+    assert report["export_engine"]["engine"] == "torch.onnx" and not report["export_engine"]["kv_cache"]
+    assert "not a decoder LM" in report["export_engine"]["engine_reason"]
     assert {x["variant"] for x in report["latency"]} == {"teacher_fp32", "student_fp32", "fp32", "int8_dynamic"}
     text = (out / "REPORT.md").read_text()
     assert "| teacher" in text and "ONNX variants" in text and f"hf-distill run {config_path}" in text
+    assert "Exporter: torch.onnx, no KV cache" in text
     assert (out / "bench.png").is_file()
     model_file = out / "distill" / "student" / "model" / "model.safetensors"
     before = model_file.stat().st_mtime_ns
@@ -161,6 +164,8 @@ def test_foreign_or_changed_output_dir_is_refused(assets, tmp_path, capsys):
     [
         ("export.variants=[int9]", "Config key 'export.variants' must be a non-empty list from ["),
         ("export.variants=[]", "Config key 'export.variants' must be a non-empty list from ["),
+        ("export.engine=onnx", "Config key 'export.engine' must be one of ['auto', 'genai', 'torch']"),
+        ("export.engine=genai", "export.engine 'genai' (onnxruntime-genai, KV cache) exports decoder LMs"),
         ("refine.method=prompt_tunning", "Config key 'refine.method' must be one of ['lora', 'p_tuning'"),
         ("refine.num_virtual_tokens=0", "Config key 'refine.num_virtual_tokens' must be > 0, got 0"),
         ("bench.batch_sizes=[1,0]", "Config key 'bench.batch_sizes' must be a non-empty list of integers > 0"),

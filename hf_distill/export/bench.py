@@ -51,6 +51,23 @@ def machine_info(threads: int | None) -> dict[str, Any]:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` of ``/proc/self/status``, its own memory map's mark.
+
+    Not getrusage's ``ru_maxrss`` on Linux: a spawned engine process starts as a fork of the benchmark and Linux
+    carries the high-water mark across exec, so every engine would report at least the parent's peak (a 30 MB child
+    of a 410 MB parent reports 410 MB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: macOS reports bytes, others KiB
+    return peak / (1024.0 * 1024.0 if platform.system() == "Darwin" else 1024.0)
+
+
 def _latencies(run: Any, warmup: int, runs: int) -> np.ndarray:
     for _ in range(warmup):
         run()
@@ -125,7 +142,7 @@ def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
                         "throughput_per_s": float(batch * 1000.0 / times.mean()),
                     }
                 )
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    peak_mb = peak_rss_mb()
     return [{**row, "peak_rss_mb": peak_mb} for row in rows]
 
 
@@ -213,6 +230,11 @@ def _read_export(export_dir: Path, variants: Sequence[str] | None) -> tuple[dict
         available = {r["variant"]: r for r in report["variants"] if r["passed"]}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{report_path} is not a valid export report ({type(err).__name__}: {err}).") from err
+    if report.get("format") == "hf_distill-genai/1":
+        raise ValueError(
+            f"{str(export_dir)!r} is a decoder-LM export with a KV cache (onnxruntime-genai): time it with "
+            "benchmark_llm (hf_distill.export.bench_llm), which `hf-distill bench` uses for such folders."
+        )
     chosen = list(variants or available)
     missing = [v for v in chosen if v not in available]
     if missing:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import resource
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -90,13 +89,37 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     for batch in spec["batch_sizes"]:
         seconds = np.median([engine.run(_prompt(batch, 16, vocab), spec["new_tokens"])[1] for _ in range(runs)])
         decode[str(batch)] = float(batch * (spec["new_tokens"] - 1) / seconds)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-    return {"ttft_ms": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak}
+    from hf_distill.export.bench import peak_rss_mb
+
+    return {"ttft_ms": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak_rss_mb()}
 
 
 def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """Raises: ValueError: the engine could not load or run the model (one line: which folder, what failed)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_measure, spec).result()
+        try:
+            return pool.submit(_measure, spec).result()
+        except Exception as err:  # onnxruntime-genai and torch raise their own types; the run is what failed
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            raise ValueError(f"Cannot run {spec['engine']} on {spec['path']} ({reason}).") from err
+
+
+def _check_variant(folder: Path) -> int:
+    """The variant folder's vocabulary size; its decoder graph parsed first, so a corrupt file fails before any run.
+
+    Raises:
+        ValueError: genai_config.json or the ONNX graph is missing, truncated or invalid.
+    """
+    from hf_distill.export.bench import check_onnx_file
+
+    try:
+        config = json.loads((folder / "genai_config.json").read_text())
+        graph = config["model"]["decoder"]["filename"]
+        vocab = int(config["model"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder / 'genai_config.json'} is missing or invalid ({type(err).__name__}).") from err
+    check_onnx_file(folder / graph)
+    return vocab
 
 
 def benchmark_llm(
@@ -120,8 +143,13 @@ def benchmark_llm(
     from hf_distill.export.bench import machine_info
 
     export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise ValueError(f"{str(export_dir)!r} does not exist: pass a folder written by `hf-distill export`.")
     manifest_path = export_dir / "hf_distill_manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    try:
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest_path} is not valid JSON ({err}); export again.") from err
     if manifest.get("format") != "hf_distill-genai/1":
         raise ValueError(f"{str(export_dir)!r} is not a decoder-LM export (hf_distill-genai/1 manifest missing).")
     chosen = list(variants or manifest["variants"])
@@ -130,8 +158,8 @@ def benchmark_llm(
         raise ValueError(f"Variants {missing} are not in {export_dir}; available: {sorted(manifest['variants'])}.")
     if min(prompt_lens) < 1 or min(batch_sizes) < 1 or new_tokens < 2 or runs < 1:
         raise ValueError("prompt lengths, batch sizes and runs must be >= 1 and new_tokens >= 2.")
-    first = export_dir / manifest["variants"][chosen[0]] if chosen else None
-    vocab = json.loads((first / "genai_config.json").read_text())["model"]["vocab_size"] if first else 1000
+    vocabs = [_check_variant(export_dir / manifest["variants"][v]) for v in chosen]
+    vocab = vocabs[0] if vocabs else 1000
     common = {
         "prompt_lens": list(prompt_lens),
         "batch_sizes": list(batch_sizes),

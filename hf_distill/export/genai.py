@@ -13,6 +13,7 @@ and validate every variant on the user's held-out text against PyTorch fp32 befo
   beside it as ``greedy_prefix``: the mean share of its tokens before the first difference from PyTorch's.
 
 An ``int4`` variant that fails climbs :data:`INT4_LADDER` (smaller blocks, fp32 activations, int8 ``lm_head``).
+Which models come here at all is decided in one place: :func:`hf_distill.export.engine.choose_engine`.
 """
 
 from __future__ import annotations
@@ -29,23 +30,6 @@ from typing import Any
 
 import numpy as np
 
-# Architectures the model builder supports (onnxruntime-genai 0.18), by transformers class name.
-GENAI_ARCHITECTURES = {
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "PhiForCausalLM",
-    "Phi3ForCausalLM",
-    "GemmaForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-    "GraniteForCausalLM",
-    "OlmoForCausalLM",
-    "SmolLM3ForCausalLM",
-    "NemotronForCausalLM",
-    "ChatGLMForConditionalGeneration",
-}
 GENAI_VARIANTS = ("fp32", "int8", "int4")
 GENAI_CONFIG = "genai_config.json"
 # Tried in order for int4 until one passes the gate: round-to-nearest, then smaller blocks, fp32 activations,
@@ -63,10 +47,6 @@ INT4_LADDER: tuple[dict[str, str], ...] = (
         "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8",
     },
 )
-
-
-def supports_genai(architecture: str) -> bool:
-    return architecture in GENAI_ARCHITECTURES
 
 
 def build_variant(model_dir: str | os.PathLike, target: Path, variant: str, options: dict[str, str]) -> None:

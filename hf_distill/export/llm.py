@@ -23,9 +23,10 @@ import torch
 
 from hf_distill.atomic import atomic_folder
 from hf_distill.export import genai
+from hf_distill.export.engine import EngineChoice, choose_engine
 from hf_distill.export.validate import GateError
 from hf_distill.loading import load_model
-from hf_distill.tasks import Task, infer_task
+from hf_distill.tasks import Task
 
 logger = logging.getLogger(__name__)
 MANIFEST = "hf_distill_manifest.json"
@@ -138,7 +139,7 @@ def export_llm(
         raise ValueError(
             f"{str(output_dir)!r} exists and is not empty; pass overwrite=True (--force). Nothing written."
         )
-    model, tokenizer = _prepare(model_or_dir, tokenizer)
+    model, tokenizer, choice = _prepare(model_or_dir, tokenizer)
     probe = make_probe(
         validation_data,
         tokenizer,
@@ -157,34 +158,26 @@ def export_llm(
             _variant(source, staging, v, probe, ref, options, max_ppl_increase, min_greedy_agreement) for v in variants
         ]
         shutil.rmtree(source)
-        report = _write(staging, rows, ref, probe, max_ppl_increase, min_greedy_agreement)
+        report = _write(staging, rows, ref, probe, max_ppl_increase, min_greedy_agreement, choice)
         failed = [r["variant"] for r in rows if not r["passed"]]
         if failed and fail_on_gate:
             raise GateError(failed, report)
     return report
 
 
-def _prepare(model_or_dir: Any, tokenizer: Any) -> tuple[Any, Any]:
+def _prepare(model_or_dir: Any, tokenizer: Any) -> tuple[Any, Any, EngineChoice]:
     if isinstance(model_or_dir, (str, os.PathLike)):
         model, folder_tokenizer = load_model(model_or_dir, Task.CAUSAL_LM, purpose="export")
         tokenizer = tokenizer or folder_tokenizer
     else:
         model = copy.deepcopy(model_or_dir)  # never modify the caller's model
-    if getattr(model, "active_peft_config", None) is not None:
-        if model.active_peft_config.is_prompt_learning:
-            raise ValueError("Soft-prompted decoder LMs export without a KV cache: use export_onnx (prompt baked).")
+    choice = choose_engine(model, "genai")  # the one rule shared with export_onnx, the CLI and the pipeline
+    logger.info("%s: exporting with a KV cache through %s (%s)", choice.architecture, choice.engine, choice.reason)
+    if getattr(model, "active_peft_config", None) is not None:  # LoRA-style: folded into the copy's weights
         model = model.merge_and_unload()
-    if infer_task(model) is not Task.CAUSAL_LM:
-        raise ValueError(f"export_llm exports decoder LMs; {type(model).__name__} is not one (use export_onnx).")
-    architecture = type(model).__name__
-    if not genai.supports_genai(architecture):
-        raise ValueError(
-            f"onnxruntime-genai's model builder does not support {architecture}; supported: "
-            f"{sorted(genai.GENAI_ARCHITECTURES)}. export_onnx exports it without a KV cache."
-        )
     if tokenizer is None:
         raise ValueError("export_llm needs the tokenizer: save it next to the model or pass tokenizer=.")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, choice
 
 
 def _variant(
@@ -262,12 +255,15 @@ def _write(
     probe: LLMProbe,
     max_ppl_increase: float,
     min_agreement: float,
+    choice: EngineChoice,
 ) -> dict[str, Any]:
     passed = [r["variant"] for r in rows if r["passed"]]
     default = next((v for v in ("int4", "int8", "fp32") if v in passed), None)
     report = {
         "task": Task.CAUSAL_LM.value,
         "format": "hf_distill-genai/1",
+        **choice.as_dict(),
+        "architecture": choice.architecture,
         "reference": {"engine": "pytorch", "metric": "perplexity", "value": ref["perplexity"]},
         "max_ppl_increase": max_ppl_increase,
         "min_greedy_agreement": min_agreement,
@@ -290,6 +286,7 @@ def _write(
         "format": "hf_distill-genai/1",
         "task": Task.CAUSAL_LM.value,
         "kv_cache": True,
+        "engine": choice.engine,
         "variants": {v: v for v in passed},
         "default_variant": default,
     }

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from hf_distill.atomic import atomic_folder
 from hf_distill.data import AUTO
 from hf_distill.export.batches import EvalBatches, make_batches
+from hf_distill.export.engine import ENGINES, GENAI, EngineChoice, choose_engine
 from hf_distill.export.graph import export_graph
 from hf_distill.export.inputs import input_names_for, pad_id, tokenization_rule, write_tokenization_rule
 from hf_distill.export.plan import ExportPlan, eval_mode, load_for_export
@@ -40,7 +41,7 @@ def export_onnx(
     model_or_dir: PreTrainedModel | nn.Module | str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    variants: Sequence[str] = DEFAULT_VARIANTS,
+    variants: Sequence[str] | None = None,
     validation_data: Any = None,
     calibration_data: Any = None,
     tokenizer: Any = None,
@@ -51,34 +52,70 @@ def export_onnx(
     num_calibration: int = 64,
     max_length: int = 128,
     batch_size: int = 32,
-    max_metric_drop: float = 1.0,
+    max_metric_drop: float | None = None,
     fail_on_gate: bool = True,
     overwrite: bool = False,
     opset: int = 18,
     prompt_mode: str = "baked",
+    engine: str = "auto",
+    min_greedy_agreement: float = 0.8,
+    num_prompts: int = 8,
+    block_size: int = 32,
+    accuracy_level: int = 4,
 ) -> dict[str, Any]:
     """Export a student to ONNX variants, validate each on real data, and write the folder atomically.
 
-    ``validation_data`` (and ``calibration_data`` for ``int8_static``; default: the validation data) is a
-    ``datasets.Dataset`` with raw text (``text_column``, ``label_column``; sentence pairs: ``text_pair_column``,
+    ``engine`` picks the exporter (:func:`hf_distill.export.engine.choose_engine`, recorded in the report as
+    ``engine``, ``engine_reason``, ``kv_cache``): with ``"auto"`` a decoder LM whose architecture onnxruntime-genai's
+    model builder supports goes through :func:`~hf_distill.export.llm.export_llm` (KV cache; variants ``fp32``,
+    ``int8``, ``int4``, default ``["int4"]``; gate: perplexity at most ``max_metric_drop`` percent above PyTorch's,
+    default 5, and ``min_greedy_agreement``; int4 options ``block_size``, ``accuracy_level``; ``num_prompts`` greedy
+    prompts), and everything else (classifiers, other decoder LMs, prompt-tuned decoder LMs) through torch.onnx as
+    below, a causal LM then without a KV cache (logged with the reason). ``"torch"`` forces torch.onnx, ``"genai"``
+    requires onnxruntime-genai.
+
+    torch.onnx path: ``validation_data`` (and ``calibration_data`` for ``int8_static``; default: the validation data)
+    is a ``datasets.Dataset`` with raw text (``text_column``, ``label_column``; sentence pairs: ``text_pair_column``,
     "auto" finds GLUE's pair names, see :func:`hf_distill.data.text_columns`) or tokenized ``input_ids`` (+
-    ``token_type_ids``, ``labels``). Each variant's task metric is compared with the trained model's in PyTorch: a
-    drop above ``max_metric_drop`` points (accuracy, regression R²) or percent (perplexity), or any NaN/inf output,
-    fails it; ``int8_dynamic`` climbs a fallback ladder first. A failed gate raises :class:`GateError` unless
-    ``fail_on_gate=False`` (then the report marks it ``passed: false`` with a ``reason``).
-    LoRA-style adapters are merged into a copy (the caller's model is not changed). Prompt-tuned / p-tuned PEFT
-    students export with their learned prompt ``prompt_mode="baked"`` into the graph, or as its input
-    ``prompt_embeds`` (``"input"``: one backbone serves every task prompt; the prompt is saved under ``prompts/``).
-    Inputs are truncated to ``min(max_length, positions the model can use)``. Returns the report (also written as
-    ``export_report.json``).
+    ``token_type_ids``, ``labels``). Each variant (default ``fp32``, ``fp32_optimized``, ``int8_dynamic``) is compared
+    with the trained model's task metric in PyTorch: a drop above ``max_metric_drop`` (default 1) points (accuracy,
+    regression R²) or percent (perplexity), or any NaN/inf output, fails it; ``int8_dynamic`` climbs a fallback
+    ladder first. A failed gate raises :class:`GateError` unless ``fail_on_gate=False`` (then the report marks it
+    ``passed: false`` with a ``reason``). LoRA-style adapters are merged into a copy (the caller's model is not
+    changed). Prompt-tuned / p-tuned PEFT students export with their learned prompt ``prompt_mode="baked"`` into the
+    graph, or as its input ``prompt_embeds`` (``"input"``: one backbone serves every task prompt; the prompt is saved
+    under ``prompts/``). Inputs are truncated to ``min(max_length, positions the model can use)``. Returns the report
+    (also written as ``export_report.json``).
 
     Raises:
         ValueError: bad arguments or data, a model that gives NaN/inf in PyTorch, an adapter that does not merge
             faithfully — all before anything is written. :class:`GateError` (a ValueError) for a failed gate.
     """
     output_dir = Path(output_dir)
-    _check_arguments(variants, output_dir, overwrite, prompt_mode)
+    _check_arguments(output_dir, overwrite, prompt_mode, engine)
     loaded, folder_tokenizer = load_for_export(model_or_dir)
+    choice = choose_engine(loaded, engine)
+    if choice.engine == GENAI:
+        # A folder is loaded again by export_llm (its own copy to merge into), so this one is freed.
+        source = model_or_dir if isinstance(model_or_dir, (str, os.PathLike)) else loaded
+        del loaded
+        llm_options = dict(
+            text_column=text_column,
+            num_validation=num_validation,
+            max_length=max_length,
+            max_ppl_increase=5.0 if max_metric_drop is None else max_metric_drop,
+            min_greedy_agreement=min_greedy_agreement,
+            num_prompts=num_prompts,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            fail_on_gate=fail_on_gate,
+            overwrite=overwrite,
+        )
+        return _export_genai(source, output_dir, variants, validation_data, tokenizer or folder_tokenizer, llm_options)
+    _log_fallback(choice)
+    variants = DEFAULT_VARIANTS if variants is None else variants
+    _check_variants(variants)
+    max_metric_drop = 1.0 if max_metric_drop is None else max_metric_drop
     with eval_mode(loaded):
         plan = ExportPlan.create(loaded, tokenizer or folder_tokenizer, prompt_mode, max_length)
         if "int4" in variants and plan.task is not Task.CAUSAL_LM:
@@ -97,19 +134,56 @@ def export_onnx(
         reference = evaluate_torch(plan.reference, batches, plan.task, virtual_tokens=plan.virtual_tokens)
         plan.merge(batches, reference, in_place=isinstance(model_or_dir, (str, os.PathLike)))
         gate = _Gate(batches, calibration, reference, num_calibration, max_metric_drop)
-        report = _write_atomically(output_dir, plan, variants, gate, opset, fail_on_gate)
+        report = _write_atomically(output_dir, plan, variants, gate, opset, fail_on_gate, choice)
     logger.info("Exported %s to %s", [r["variant"] for r in report["variants"]], output_dir)
     return report
+
+
+def _export_genai(
+    source: Any,
+    output_dir: Path,
+    variants: Sequence[str] | None,
+    validation_data: Any,
+    tokenizer: Any,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The decoder-LM path: onnxruntime-genai variants with a KV cache (``export_llm``)."""
+    from hf_distill.export.genai import GENAI_VARIANTS
+    from hf_distill.export.llm import export_llm
+
+    variants = ("int4",) if variants is None else variants
+    unknown = [v for v in variants if v not in GENAI_VARIANTS]
+    if unknown or not variants:
+        raise ValueError(
+            f"Variants {unknown or list(variants)} are not decoder-LM variants; with a KV cache (onnxruntime-genai) "
+            f"choose from {list(GENAI_VARIANTS)}, or pass engine='torch' (--engine torch) for the no-cache "
+            f"variants {sorted(VARIANT_FILES)}."
+        )
+    return export_llm(
+        source, output_dir, variants=variants, validation_data=validation_data, tokenizer=tokenizer, **options
+    )
+
+
+def _log_fallback(choice: EngineChoice) -> None:
+    """A decoder LM exported without a KV cache costs the square of the sequence length per answer: say so."""
+    if not choice.causal_lm:
+        logger.info("Exporter %s: %s", choice.engine, choice.reason)
+        return
+    logger.warning(
+        "%s: exporting without a KV cache through %s (every new token re-reads the whole sequence): %s",
+        choice.architecture,
+        choice.engine,
+        choice.reason,
+    )
 
 
 def _batches(plan: ExportPlan, data: Any, limit: int, options: dict[str, Any]) -> EvalBatches:
     return plan.with_prompt(make_batches(data, plan.tokenizer, plan.model, plan.task, limit=limit, **options))
 
 
-def _check_arguments(variants: Sequence[str], output_dir: Path, overwrite: bool, prompt_mode: str) -> None:
-    unknown = [v for v in variants if v not in VARIANT_FILES]
-    if unknown or not variants:
-        raise ValueError(f"Unknown variants {unknown or variants}; choose from {sorted(VARIANT_FILES)}.")
+def _check_arguments(output_dir: Path, overwrite: bool, prompt_mode: str, engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown export engine {engine!r}; choose from {list(ENGINES)}.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(
             f"{str(output_dir)!r} exists and is not empty; pass overwrite=True (--force) or another "
@@ -117,6 +191,12 @@ def _check_arguments(variants: Sequence[str], output_dir: Path, overwrite: bool,
         )
     if prompt_mode not in ("baked", "input"):
         raise ValueError(f"prompt_mode must be 'baked' or 'input', got {prompt_mode!r}.")
+
+
+def _check_variants(variants: Sequence[str]) -> None:
+    unknown = [v for v in variants if v not in VARIANT_FILES]
+    if unknown or not variants:
+        raise ValueError(f"Unknown variants {unknown or variants}; choose from {sorted(VARIANT_FILES)}.")
 
 
 @dataclass
@@ -131,18 +211,26 @@ class _Gate:
 
 
 def _write_atomically(
-    output_dir: Path, plan: ExportPlan, variants: Sequence[str], gate: _Gate, opset: int, fail_on_gate: bool
+    output_dir: Path,
+    plan: ExportPlan,
+    variants: Sequence[str],
+    gate: _Gate,
+    opset: int,
+    fail_on_gate: bool,
+    choice: EngineChoice,
 ) -> dict[str, Any]:
     """Export into a temporary sibling folder and move it into place only when the gate allows."""
     with atomic_folder(output_dir) as staging:
-        report = _export_into(staging, plan, variants, gate, opset)
+        report = _export_into(staging, plan, variants, gate, opset, choice)
         failed = [row["variant"] for row in report["variants"] if not row["passed"]]
         if failed and fail_on_gate:
             raise GateError(failed, report)
     return report
 
 
-def _export_into(folder: Path, plan: ExportPlan, variants: Sequence[str], gate: _Gate, opset: int) -> dict[str, Any]:
+def _export_into(
+    folder: Path, plan: ExportPlan, variants: Sequence[str], gate: _Gate, opset: int, choice: EngineChoice
+) -> dict[str, Any]:
     """Write the fp32 graph, every variant (validated), the tokenizer, prompt, manifest and report into ``folder``."""
     base = str(folder / VARIANT_FILES["fp32"])
     exporter = export_graph(plan.model, base, opset, plan.prompt, plan.prompt_as_input)
@@ -153,6 +241,7 @@ def _export_into(folder: Path, plan: ExportPlan, variants: Sequence[str], gate: 
     report = {
         "task": plan.task.value,
         "exporter": exporter,
+        **choice.as_dict(),
         "reference": gate.reference.as_dict(),
         "max_metric_drop": gate.max_metric_drop,
         "num_validation_examples": gate.batches.num_examples,
@@ -160,7 +249,7 @@ def _export_into(folder: Path, plan: ExportPlan, variants: Sequence[str], gate: 
         "variants": rows,
     }
     manifest = _manifest(folder, plan, rows, rule, gate.batches)
-    manifest.update(exporter=exporter, opset=opset, prompt=_save_prompt(folder, plan))
+    manifest.update(exporter=exporter, opset=opset, prompt=_save_prompt(folder, plan), **choice.as_dict())
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     (folder / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False))
     return report

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from hf_distill.config import DistillationConfig
+from hf_distill.export.engine import ENGINES
 from hf_distill.export.variants import VARIANT_FILES
 from hf_distill.prompts import METHODS
 
@@ -126,6 +127,11 @@ class ExportSection:
     max_metric_drop: float = _key("Accuracy points a variant may lose before it fails.", 1.0, _non_negative)
     num_validation: int = _key("Validation rows the gate scores.", 872, _positive)
     max_length: int = _key("Longest input of the export, in tokens.", 128, _positive)
+    engine: str = _key(
+        "Exporter: auto (decoder LMs onnxruntime-genai supports get a KV cache, the rest torch.onnx), torch, genai.",
+        "auto",
+        _one_of(ENGINES),
+    )
 
 
 @dataclass
@@ -347,6 +353,11 @@ def load_pipeline_config(
         raise ValueError(
             "data.unlabelled is 'rest' (the training rows train_size leaves out) but data.train_size is null, so no "
             "row is left out. Set data.train_size, or give data.unlabelled a file."
+        )
+    if config.export.enabled and config.export.engine == "genai":
+        raise ValueError(
+            "export.engine 'genai' (onnxruntime-genai, KV cache) exports decoder LMs; this run's task is "
+            f"{config.task!r}: use 'auto' or 'torch'."
         )
     if config.push.enabled and not config.push.repo_id:
         raise ValueError("push.enabled is true but push.repo_id is not set (e.g. your-name/minilm-sst2-student).")

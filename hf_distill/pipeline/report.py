@@ -40,6 +40,7 @@ def collect(config: PipelineConfig, command: str, infos: dict[str, dict[str, Any
             {k: r[k] for k in ("variant", "file", "size_bytes", "metric_value", "metric_drop", "passed")}
             for r in export.get("variants", [])
         ],
+        "export_engine": {k: export.get(k) for k in ("engine", "engine_reason", "kv_cache")} if export else None,
         "latency": [
             {
                 k: r[k]
@@ -95,6 +96,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {'pass' if e['passed'] else 'FAIL'} |"
             for e in r["export"]
         ]
+        engine = r.get("export_engine") or {}
+        if engine.get("engine"):
+            cache = "with a KV cache" if engine.get("kv_cache") else "no KV cache"
+            lines += ["", f"Exporter: {engine['engine']}, {cache} ({engine.get('engine_reason')})."]
     if r["latency"]:
         m = r["machine"] or {}
         lines += [

@@ -204,8 +204,15 @@ def export_stage(ctx: RunContext) -> dict[str, Any]:
         max_length=e.max_length,
         max_metric_drop=e.max_metric_drop,
         overwrite=True,
+        engine=e.engine,
     )
-    return {"source": str(source), "variants": report["variants"], "reference": report["reference"]}
+    print(f"  exporter: {report['engine']} ({report['engine_reason']})")
+    return {
+        "source": str(source),
+        "variants": report["variants"],
+        "reference": report["reference"],
+        **{k: report[k] for k in ("engine", "engine_reason", "kv_cache")},
+    }
 
 
 def bench_stage(ctx: RunContext) -> dict[str, Any]:

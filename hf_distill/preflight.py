@@ -18,9 +18,19 @@ from hf_distill.cache import (
     has_cached_logits,
 )
 from hf_distill.config import DistillationConfig
+from hf_distill.forward import accepted_inputs
 from hf_distill.losses import LOGIT_LOSSES, MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from hf_distill.prompts import check_peft_combination, num_virtual_tokens
 from hf_distill.tasks import Task, infer_task, unwrap_model
+from hf_distill.vocabulary import (
+    ClassMatch,
+    check_same_tokenizer,
+    describe,
+    match_classes,
+    output_classes,
+    saved_tokenizer,
+    text_tokenizer,
+)
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 logger = logging.getLogger(__name__)
@@ -40,34 +50,6 @@ def _columns(dataset: Any) -> list[str] | None:
     return list(first) if isinstance(first, dict) else None
 
 
-def _output_classes(model: nn.Module, task: Task) -> int:
-    base = unwrap_model(model)
-    if task is Task.CAUSAL_LM:
-        head = base.get_output_embeddings()
-        return int(head.weight.shape[0]) if head is not None else int(base.config.vocab_size)
-    return int(base.config.num_labels)
-
-
-def check_class_counts(task: Task, student_classes: int, teacher_classes: int) -> None:
-    """The teacher (online or cached) and the student must have the same classes / vocabulary size.
-
-    Raises:
-        ValueError: the counts differ; the message says how to build a matching student.
-    """
-    if student_classes == teacher_classes:
-        return
-    if task is Task.CAUSAL_LM:
-        raise ValueError(
-            f"Teacher vocabulary size {teacher_classes} differs from the student's {student_classes}: token-level KD "
-            "needs one vocabulary. Use a student with the teacher's tokenizer (create_student does), or resize the "
-            "student's embeddings with model.resize_token_embeddings(teacher_vocab_size)."
-        )
-    raise ValueError(
-        f"Teacher has {teacher_classes} labels but the student {student_classes}: build the student with the "
-        "teacher's num_labels, id2label and label2id (create_student copies them)."
-    )
-
-
 def validate_setup(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -76,10 +58,13 @@ def validate_setup(
     train_dataset: Any = None,
     processing_class: Any = None,
     eval_dataset: Any = None,
-) -> None:
+    data_collator: Any = None,
+) -> ClassMatch | None:
     """Every check that can run before training: PEFT combinations, teacher or cache against the student, labels.
 
     ``eval_dataset`` may be one dataset or a dict of them; with ``teacher=None`` each must hold a valid cache.
+    Returns which classes the KD loss compares (:func:`~hf_distill.vocabulary.match_classes`; logged once when
+    padded vocabularies leave some out), or None when a cache cannot be read up front.
 
     Raises:
         ValueError: the first failing check, naming the problem and the fix.
@@ -99,16 +84,72 @@ def validate_setup(
             f"student (this one solves {task.value}) and an online teacher (teacher=...), not a logit cache."
         )
     if teacher is None:
-        _validate_cached(student, args, task, train_dataset, eval_dataset)
+        match = _validate_cached(student, args, task, train_dataset, eval_dataset, processing_class)
     else:
-        _validate_teacher(student, teacher, args, task)
+        match = _validate_teacher(student, teacher, args, task, processing_class)
     label_columns = (*LABEL_COLUMNS, *(args.label_names or []))
     if args.alpha < 1 and columns is not None and not any(c in columns for c in label_columns):
+        if not collator_adds_labels(student, args, train_dataset, data_collator):
+            raise ValueError(
+                f"alpha={args.alpha} gives the hard-label loss weight {1 - args.alpha:.2f}, but the train dataset "
+                f"has no label column (columns: {columns}) and the data collator adds none. Add a 'labels' column, "
+                "use a collator that makes them (DataCollatorForLanguageModeling(tokenizer, mlm=False) for causal "
+                "LM), or set alpha=1.0 to learn from the teacher only."
+            )
+    _validate_teacher_top_k(args, teacher, match)
+    if match is not None and match.padded:
+        logger.warning(describe(match))
+    return match
+
+
+def _validate_teacher_top_k(args: DistillationConfig, teacher: nn.Module | None, match: ClassMatch | None) -> None:
+    k = args.teacher_top_k
+    if k is None:
+        return
+    if teacher is None:
         raise ValueError(
-            f"alpha={args.alpha} gives the hard-label loss weight {1 - args.alpha:.2f}, but the train dataset has "
-            f"no label column (columns: {columns}). Add a 'labels' column, or set alpha=1.0 to learn from the "
-            "teacher only."
+            f"teacher_top_k={k} summarises an online teacher's logits; a logit cache holds its own top-k "
+            "(cache_teacher_logits(..., top_k=...)). Unset teacher_top_k, or pass teacher=."
         )
+    if args.kd_loss in LOGIT_LOSSES:
+        raise ValueError(
+            f"teacher_top_k={k} keeps probabilities, but kd_loss={args.kd_loss!r} compares raw logits. Use a "
+            "divergence such as 'forward_kl', or unset teacher_top_k."
+        )
+    if match is not None and k > match.compared:
+        raise ValueError(
+            f"teacher_top_k={k}, but the KD loss compares {match.compared} classes. Use at most {match.compared}, "
+            "or None to keep every logit."
+        )
+
+
+def collator_adds_labels(student: nn.Module, args: DistillationConfig, dataset: Any, data_collator: Any) -> bool:
+    """True when ``data_collator`` turns the dataset's first example into a batch with ``labels``.
+
+    The example is collated as the Trainer will (columns the student does not take are removed first, unless
+    ``remove_unused_columns=False``): one example, so the check is cheap, and it sees what the collator really
+    does (``DataCollatorForLanguageModeling(mlm=False)`` copies ``input_ids``), whatever its class.
+
+    Raises:
+        ValueError: the collator fails on the example.
+    """
+    if data_collator is None or not hasattr(dataset, "__getitem__"):
+        return False
+    try:
+        example = dict(dataset[0])
+    except Exception:  # iterable or empty datasets: the first batch's hard_loss check still applies
+        return False
+    if args.remove_unused_columns:
+        kept = accepted_inputs(student) | set(LABEL_COLUMNS)
+        example = {k: v for k, v in example.items() if k in kept}
+    try:
+        batch = data_collator([example])
+    except Exception as err:  # any collator's own error: say which check ran into it
+        raise ValueError(
+            f"The data collator {type(data_collator).__name__} failed on the train dataset's first example (collated "
+            f"before training to see whether it adds labels): {type(err).__name__}: {err}"
+        ) from err
+    return hasattr(batch, "get") and batch.get("labels") is not None
 
 
 def _validate_teacher_prompt(args: DistillationConfig, task: Task, teacher: Any, processing_class: Any) -> None:
@@ -129,8 +170,13 @@ def _validate_teacher_prompt(args: DistillationConfig, task: Task, teacher: Any,
 
 
 def _validate_cached(
-    student: nn.Module, args: DistillationConfig, task: Task, train_dataset: Any, eval_dataset: Any
-) -> None:
+    student: nn.Module,
+    args: DistillationConfig,
+    task: Task,
+    train_dataset: Any,
+    eval_dataset: Any,
+    processing_class: Any,
+) -> ClassMatch | None:
     named = _named_datasets(train_dataset, eval_dataset)
     for name, dataset in (named or {"train dataset": None}).items():
         columns = _columns(dataset)
@@ -146,8 +192,10 @@ def _validate_cached(
             "kd_loss='mse' compares raw logits; a top-k cache keeps only probabilities. Use a "
             "divergence such as 'forward_kl' with cached logits, or pass teacher=."
         )
-    for name, dataset in named.items():
-        validate_cached_dataset(student, args, task, dataset, name)
+    tokenizer = text_tokenizer(processing_class)
+    size = len(tokenizer) if tokenizer is not None else None
+    matches = {name: validate_cached_dataset(student, args, task, dataset, name, size) for name, dataset in named.items()}
+    return matches.get("train dataset")
 
 
 def _missing_cache_message(name: str, columns: list[str] | None) -> str:
@@ -170,12 +218,21 @@ def _named_datasets(train_dataset: Any, eval_dataset: Any) -> dict[str, Any]:
     return {name: dataset for name, dataset in named.items() if dataset is not None}
 
 
-def validate_cached_dataset(student: nn.Module, args: DistillationConfig, task: Task, dataset: Any, name: str) -> None:
+def validate_cached_dataset(
+    student: nn.Module,
+    args: DistillationConfig,
+    task: Task,
+    dataset: Any,
+    name: str,
+    tokenizer_size: int | None = None,
+) -> ClassMatch | None:
     """Check a cached dataset against the student and the training temperature, over all rows.
 
-    The teacher's class count must equal the student's (the error of the online path); caches written without it
-    (older hf_distill) must at least have indices below the student's class count. Rows of a partial cache with
-    leftover mass must share the training temperature.
+    The teacher's class count must fit the student's by the rule of the online path
+    (:func:`~hf_distill.vocabulary.match_classes`, with ``tokenizer_size`` the data's ``len(tokenizer)``); caches
+    written without it (older hf_distill) must at least have indices below the student's class count. Rows of a
+    partial cache with leftover mass must share the training temperature. Returns the classes compared, or None
+    for datasets that cannot be read up front.
 
     Raises:
         ValueError: a check fails; the message names ``name`` and the fix.
@@ -184,17 +241,17 @@ def validate_cached_dataset(student: nn.Module, args: DistillationConfig, task: 
     if columns is not None and not has_cached_logits(columns):
         raise ValueError(_missing_cache_message(name, columns))
     if columns is None or not hasattr(dataset, "__len__") or not len(dataset):
-        return  # iterable or empty datasets: the per-batch checks of teacher_logits_from_cache still apply
+        return None  # iterable or empty datasets: the per-batch checks of teacher_logits_from_cache still apply
     first = dataset[0][TOPK_LOGITS]
     cached_k = len(first) if task is Task.SEQUENCE_CLASSIFICATION else len(first[0])
-    classes = _output_classes(student, task)
+    classes = output_classes(student, task)
     if CACHE_NUM_CLASSES in columns:
         counts = column_values(dataset, CACHE_NUM_CLASSES)
         if len(counts) > 1:
             raise ValueError(
                 f"The {name} mixes caches from teachers with {sorted(counts)} classes; rebuild it with one teacher."
             )
-        check_class_counts(task, classes, int(counts.pop()))
+        match = match_classes(task, classes, int(counts.pop()), tokenizer_size)
     else:
         largest = column_max(dataset, TOPK_INDICES)
         if cached_k > classes or largest >= classes:
@@ -211,7 +268,9 @@ def validate_cached_dataset(student: nn.Module, args: DistillationConfig, task: 
             CACHE_NUM_CLASSES,
             classes,
         )
-    _validate_cached_temperature(args, dataset, name, cached_k, classes)
+        match = ClassMatch(classes, classes, classes)
+    _validate_cached_temperature(args, dataset, name, cached_k, match.teacher)
+    return match
 
 
 def _validate_cached_temperature(
@@ -237,7 +296,9 @@ def _validate_cached_temperature(
     )
 
 
-def _validate_teacher(student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task) -> None:
+def _validate_teacher(
+    student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task, processing_class: Any
+) -> ClassMatch:
     if teacher is student:
         raise ValueError(
             "teacher and model are the same object: the student would distil from itself. Pass a "
@@ -260,7 +321,7 @@ def _validate_teacher(student: nn.Module, teacher: nn.Module, args: Distillation
             f"The teacher solves {teacher_task.value} but the student {task.value}; load the teacher "
             f"with the student's Auto class."
         )
-    check_class_counts(task, _output_classes(student, task), _output_classes(teacher, task))
+    match = _match_teacher(student, teacher, task, processing_class)
     if task is not Task.CAUSAL_LM:
         s_map = getattr(unwrap_model(student).config, "label2id", None)
         t_map = getattr(unwrap_model(teacher).config, "label2id", None)
@@ -278,6 +339,18 @@ def _validate_teacher(student: nn.Module, teacher: nn.Module, args: Distillation
                     f"layer_map entry {s} -> {t} is out of range: student hidden states are 0..{s_layers} and "
                     f"teacher hidden states 0..{t_layers} (0 is the embedding output)."
                 )
+    return match
+
+
+def _match_teacher(student: nn.Module, teacher: nn.Module, task: Task, processing_class: Any) -> ClassMatch:
+    """The classes compared with an online teacher; its saved tokenizer must be the data's (when both are known)."""
+    tokenizer = text_tokenizer(processing_class)
+    teacher_tokenizer = saved_tokenizer(teacher)
+    if tokenizer is not None and teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    known = tokenizer if tokenizer is not None else teacher_tokenizer
+    size = len(known) if known is not None else None
+    return match_classes(task, output_classes(student, task), output_classes(teacher, task), size)
 
 
 def _first_label(dataset: Any) -> Any:
@@ -317,7 +390,7 @@ def resolve_problem_type(student: nn.Module, teacher: nn.Module | None, task: Ta
     label = _first_label(train_dataset)
     problem = declared.get("student") or declared.get("teacher")
     if problem is None:
-        if _output_classes(student, task) == 1:
+        if output_classes(student, task) == 1:
             problem = REGRESSION
         else:
             problem = MULTI_LABEL if isinstance(label, (list, tuple)) else SINGLE_LABEL
@@ -344,7 +417,7 @@ def validate_loss_setup(
         ValueError: a softmax divergence on a single-output / regression head, label smoothing without a softmax,
             a partial logit cache for a multi-label head, or a Trainer loss option the distillation loss replaces.
     """
-    classes = _output_classes(student, task)
+    classes = output_classes(student, task)
     uses_kd, uses_hard = args.alpha > 0, args.alpha < 1
     if uses_kd and args.kd_loss not in LOGIT_LOSSES and (problem_type == REGRESSION or classes == 1):
         raise ValueError(
@@ -369,6 +442,11 @@ def validate_loss_setup(
                 f"label_smoothing_factor={args.label_smoothing_factor} smooths a softmax over classes; a "
                 f"{problem_type} head has none (Trainer drops it for multi-label). Set label_smoothing_factor=0."
             )
+    if problem_type == MULTI_LABEL and uses_kd and args.teacher_top_k is not None:
+        raise ValueError(
+            f"teacher_top_k={args.teacher_top_k}: a multi-label head needs every class's logit (each is its own "
+            "sigmoid). Unset teacher_top_k."
+        )
     columns = _columns(train_dataset)
     if problem_type == MULTI_LABEL and uses_kd and columns is not None and has_cached_logits(columns):
         cached_k = len(train_dataset[0][TOPK_LOGITS])

@@ -17,7 +17,8 @@ from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
-from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, distillation_loss, hard_label_loss
+from hf_distill.chunked_kd import TeacherLogits, chunked_distillation_loss
+from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, hard_label_loss
 from hf_distill.normalisation import (
     BatchCounts,
     LossTally,
@@ -31,6 +32,7 @@ from hf_distill.preflight import resolve_problem_type, validate_cached_dataset, 
 from hf_distill.prompts import num_virtual_tokens
 from hf_distill.tasks import Task, align_logits, infer_task
 from hf_distill.teacher import load_teacher
+from hf_distill.vocabulary import text_tokenizer
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
 
@@ -70,8 +72,15 @@ class DistillationTrainer(Trainer):
             teacher = load_teacher(teacher, args, self.task)
         # Every check runs before Trainer builds optimizers, dataloaders or moves weights.
         train_dataset = kwargs.get("train_dataset")
-        validate_setup(
-            model, teacher, args, self.task, train_dataset, processing_class, eval_dataset=kwargs.get("eval_dataset")
+        self.class_match = validate_setup(
+            model,
+            teacher,
+            args,
+            self.task,
+            train_dataset,
+            processing_class,
+            eval_dataset=kwargs.get("eval_dataset"),
+            data_collator=kwargs.get("data_collator"),
         )
         # multi-label heads distil per class (sigmoid) and train on BCE; regression heads on MSE.
         self.problem_type = resolve_problem_type(model, teacher, self.task, train_dataset)
@@ -122,8 +131,12 @@ class DistillationTrainer(Trainer):
             named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
             for key, dataset in named.items():
                 name = "eval dataset" if key is None else f"eval dataset {key!r}"
-                validate_cached_dataset(self.model, self.args, self.task, dataset, name)
+                validate_cached_dataset(self.model, self.args, self.task, dataset, name, self._tokenizer_size())
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _tokenizer_size(self) -> int | None:
+        tokenizer = text_tokenizer(self.processing_class)
+        return len(tokenizer) if tokenizer is not None else None
 
     # --- model calls: each model gets its own inputs; positions and pooling follow the attention mask ----------
 
@@ -190,8 +203,14 @@ class DistillationTrainer(Trainer):
             teacher_logits = input_position_logits(self.teacher, teacher_outputs.logits)
             if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
                 teacher_logits = self.teacher_prompt.drop_prompt_positions(teacher_logits)
+            compared = self.class_match.compared if self.class_match else None
+            teacher_logits = TeacherLogits.from_logits(
+                teacher_logits, self.args.teacher_top_k, self.args.temperature, compared
+            )
+            teacher_outputs["logits"] = None  # with teacher_top_k, the full logits can go now
         else:
-            teacher_logits = teacher_logits_from_cache(cached, student_logits.shape[-1], self.args.temperature)
+            classes = self.class_match.teacher if self.class_match else student_logits.shape[-1]
+            teacher_logits = teacher_logits_from_cache(cached, classes, self.args.temperature)
 
         terms = self._loss_terms(student_logits, teacher_logits, labels, inputs.get("attention_mask"), model.training)
         if teacher_outputs is not None and self.matcher is not None:
@@ -206,7 +225,7 @@ class DistillationTrainer(Trainer):
     def _loss_terms(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | TeacherLogits,
         labels: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         training: bool,
@@ -217,14 +236,16 @@ class DistillationTrainer(Trainer):
         batch = student_logits.shape[0]
         terms: dict[str, Term] = {}
         if args.alpha > 0:
-            kd = distillation_loss(
+            kd = chunked_distillation_loss(
                 aligned.student,
                 aligned.teacher,
+                aligned.mask,
                 loss=args.kd_loss,
                 temperature=args.temperature,
                 scale_by_t2=args.scale_by_t2,
-                reduction="none",
                 multi_label=self.problem_type == MULTI_LABEL,
+                chunk_size=args.kd_chunk_size,
+                num_classes=self.class_match.compared if self.class_match else None,
                 **args.kd_params(),
             )
             terms["kd_loss"] = per_example(kd, aligned.mask, batch)

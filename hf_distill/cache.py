@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_distill.chunked_kd import TeacherLogits, dense_teacher_logits, topk_summary
 from hf_distill.forward import input_position_logits, run_model
 from hf_distill.tasks import Task, infer_task
+from hf_distill.teacher_logits import TeacherLogits, dense_teacher_logits, topk_summary  # noqa: F401 (re-exported)
 
 TOPK_LOGITS = "teacher_topk_logits"
 TOPK_INDICES = "teacher_topk_indices"
@@ -33,6 +33,20 @@ CACHE_NUM_CLASSES = "teacher_num_classes"
 REQUIRED_CACHE_COLUMNS = (TOPK_LOGITS, TOPK_INDICES, REST_MASS, CACHE_TEMPERATURE)
 CACHE_COLUMNS = (*REQUIRED_CACHE_COLUMNS, CACHE_NUM_CLASSES)
 _PAD_KEYS = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "position_ids": 0, "labels": -100}
+
+
+def dataset_columns(dataset: Any) -> list[str] | None:
+    """Column names of a datasets.Dataset, or the keys of a map-style dataset's first example."""
+    if dataset is None:
+        return None
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):
+        return names
+    try:
+        first = dataset[0]
+    except Exception:  # iterable or empty datasets: nothing to check up front
+        return None
+    return list(first) if isinstance(first, dict) else None
 
 
 def has_cached_logits(column_names: Sequence[str]) -> bool:
@@ -249,8 +263,8 @@ def teacher_logits_from_cache(
     if partial and bool((rest > 0).any()) and bool(((temperatures - temperature).abs() > 1e-6).any()):
         raise ValueError(
             f"This batch holds cached teacher logits built at temperature(s) {sorted(set(temperatures.tolist()))} "
-            f"with top-k < {teacher_classes} classes, but training uses temperature={temperature}: the leftover mass only "
-            "holds at the cache's temperature. Rebuild the cache with cache_teacher_logits(..., temperature="
+            f"with top-k < {teacher_classes} classes, but training uses temperature={temperature}: the leftover mass "
+            "only holds at the cache's temperature. Rebuild the cache with cache_teacher_logits(..., temperature="
             f"{temperature})."
         )
     return TeacherLogits.top_k(cached[TOPK_LOGITS], indices, rest, teacher_classes, temperature)

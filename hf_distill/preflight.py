@@ -7,16 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from hf_distill.cache import (
-    CACHE_NUM_CLASSES,
-    CACHE_TEMPERATURE,
-    REST_MASS,
-    TOPK_INDICES,
-    TOPK_LOGITS,
-    column_max,
-    column_values,
-    has_cached_logits,
-)
+from hf_distill.cache import TOPK_LOGITS, dataset_columns, has_cached_logits
+from hf_distill.cache_checks import validate_cached_setup
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs
 from hf_distill.losses import LOGIT_LOSSES, MULTI_LABEL, REGRESSION, SINGLE_LABEL
@@ -24,30 +16,13 @@ from hf_distill.prompts import check_peft_combination, num_virtual_tokens
 from hf_distill.tasks import Task, infer_task, unwrap_model
 from hf_distill.vocabulary import (
     ClassMatch,
-    check_same_tokenizer,
     describe,
-    match_classes,
     output_classes,
-    saved_tokenizer,
-    text_tokenizer,
+    teacher_class_match,
 )
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 logger = logging.getLogger(__name__)
-
-
-def _columns(dataset: Any) -> list[str] | None:
-    """Column names of a datasets.Dataset, or the keys of a map-style dataset's first example."""
-    if dataset is None:
-        return None
-    names = getattr(dataset, "column_names", None)
-    if isinstance(names, list):
-        return names
-    try:
-        first = dataset[0]
-    except Exception:  # iterable or empty datasets: nothing to check up front
-        return None
-    return list(first) if isinstance(first, dict) else None
 
 
 def validate_setup(
@@ -69,7 +44,7 @@ def validate_setup(
     Raises:
         ValueError: the first failing check, naming the problem and the fix.
     """
-    columns = _columns(train_dataset)
+    columns = dataset_columns(train_dataset)
     check_peft_combination(student)
     if num_virtual_tokens(student) and args.attention_loss_weight > 0:
         raise ValueError(
@@ -84,7 +59,7 @@ def validate_setup(
             f"student (this one solves {task.value}) and an online teacher (teacher=...), not a logit cache."
         )
     if teacher is None:
-        match = _validate_cached(student, args, task, train_dataset, eval_dataset, processing_class)
+        match = validate_cached_setup(student, args, task, train_dataset, eval_dataset, processing_class)
     else:
         match = _validate_teacher(student, teacher, args, task, processing_class)
     label_columns = (*LABEL_COLUMNS, *(args.label_names or []))
@@ -169,133 +144,6 @@ def _validate_teacher_prompt(args: DistillationConfig, task: Task, teacher: Any,
         )
 
 
-def _validate_cached(
-    student: nn.Module,
-    args: DistillationConfig,
-    task: Task,
-    train_dataset: Any,
-    eval_dataset: Any,
-    processing_class: Any,
-) -> ClassMatch | None:
-    named = _named_datasets(train_dataset, eval_dataset)
-    for name, dataset in (named or {"train dataset": None}).items():
-        columns = _columns(dataset)
-        if dataset is None or (columns is not None and not has_cached_logits(columns)):
-            raise ValueError(_missing_cache_message(name, columns))
-    if args.hidden_loss_weight > 0 or args.attention_loss_weight > 0:
-        raise ValueError(
-            "Hidden-state and attention matching need the teacher's activations, which the logit cache does not "
-            "hold. Pass teacher= (online distillation) or set hidden_loss_weight=0 and attention_loss_weight=0."
-        )
-    if args.kd_loss == "mse":
-        raise ValueError(
-            "kd_loss='mse' compares raw logits; a top-k cache keeps only probabilities. Use a "
-            "divergence such as 'forward_kl' with cached logits, or pass teacher=."
-        )
-    tokenizer = text_tokenizer(processing_class)
-    size = len(tokenizer) if tokenizer is not None else None
-    matches = {name: validate_cached_dataset(student, args, task, dataset, name, size) for name, dataset in named.items()}
-    return matches.get("train dataset")
-
-
-def _missing_cache_message(name: str, columns: list[str] | None) -> str:
-    article = "an" if name[0] in "aeiou" else "a"
-    return (
-        f"teacher=None needs {article} {name} with cached teacher logits (columns teacher_topk_logits, "
-        "teacher_topk_indices, teacher_rest_mass, teacher_temperature): every dataset it trains or evaluates on; "
-        f"found {columns}. Run "
-        "hf_distill.cache_teacher_logits(teacher, dataset) on it first, or pass teacher=."
-    )
-
-
-def _named_datasets(train_dataset: Any, eval_dataset: Any) -> dict[str, Any]:
-    """The train set and every eval set (``eval_dataset`` may be a dict of them), by the name errors use."""
-    named = {"train dataset": train_dataset}
-    if isinstance(eval_dataset, dict):
-        named |= {f"eval dataset {key!r}": value for key, value in eval_dataset.items()}
-    else:
-        named["eval dataset"] = eval_dataset
-    return {name: dataset for name, dataset in named.items() if dataset is not None}
-
-
-def validate_cached_dataset(
-    student: nn.Module,
-    args: DistillationConfig,
-    task: Task,
-    dataset: Any,
-    name: str,
-    tokenizer_size: int | None = None,
-) -> ClassMatch | None:
-    """Check a cached dataset against the student and the training temperature, over all rows.
-
-    The teacher's class count must fit the student's by the rule of the online path
-    (:func:`~hf_distill.vocabulary.match_classes`, with ``tokenizer_size`` the data's ``len(tokenizer)``); caches
-    written without it (older hf_distill) must at least have indices below the student's class count. Rows of a
-    partial cache with leftover mass must share the training temperature. Returns the classes compared, or None
-    for datasets that cannot be read up front.
-
-    Raises:
-        ValueError: a check fails; the message names ``name`` and the fix.
-    """
-    columns = _columns(dataset)
-    if columns is not None and not has_cached_logits(columns):
-        raise ValueError(_missing_cache_message(name, columns))
-    if columns is None or not hasattr(dataset, "__len__") or not len(dataset):
-        return None  # iterable or empty datasets: the per-batch checks of teacher_logits_from_cache still apply
-    first = dataset[0][TOPK_LOGITS]
-    cached_k = len(first) if task is Task.SEQUENCE_CLASSIFICATION else len(first[0])
-    classes = output_classes(student, task)
-    if CACHE_NUM_CLASSES in columns:
-        counts = column_values(dataset, CACHE_NUM_CLASSES)
-        if len(counts) > 1:
-            raise ValueError(
-                f"The {name} mixes caches from teachers with {sorted(counts)} classes; rebuild it with one teacher."
-            )
-        match = match_classes(task, classes, int(counts.pop()), tokenizer_size)
-    else:
-        largest = column_max(dataset, TOPK_INDICES)
-        if cached_k > classes or largest >= classes:
-            raise ValueError(
-                f"The {name} holds teacher class indices up to {int(largest)} ({cached_k} per position) but the "
-                f"student has only {classes} classes: the cache comes from a teacher with another label set or "
-                "vocabulary. Rebuild it with this student's teacher."
-            )
-        logger.warning(
-            "The %s has no %s column (a cache written by an older hf_distill): its class indices fit the student's "
-            "%d classes, but a teacher with fewer classes cannot be ruled out. Rebuild it with cache_teacher_logits "
-            "to have the class count checked.",
-            name,
-            CACHE_NUM_CLASSES,
-            classes,
-        )
-        match = ClassMatch(classes, classes, classes)
-    _validate_cached_temperature(args, dataset, name, cached_k, match.teacher)
-    return match
-
-
-def _validate_cached_temperature(
-    args: DistillationConfig, dataset: Any, name: str, cached_k: int, classes: int
-) -> None:
-    if cached_k >= classes:
-        return  # a full cache holds raw logits: right at every temperature
-    temperatures = column_values(dataset, CACHE_TEMPERATURE)
-    if all(abs(t - args.temperature) <= 1e-6 for t in temperatures) or column_max(dataset, REST_MASS) <= 0:
-        return  # no leftover mass: the top-k distribution is right at every temperature
-    if len(temperatures) > 1:
-        raise ValueError(
-            f"The {name} holds top-{cached_k} teacher caches built at temperatures {sorted(temperatures)}; their "
-            "leftover mass only holds at the temperature each row was built at, and one batch trains at one. "
-            f"Rebuild the whole cache with cache_teacher_logits(..., temperature={args.temperature})."
-        )
-    built = temperatures.pop()
-    raise ValueError(
-        f"The {name}'s teacher cache was built at temperature {built} with top_k={cached_k} < {classes} classes, "
-        f"so its leftover mass only holds at that temperature, but training uses temperature={args.temperature}. "
-        f"Set temperature={built} or rebuild the cache with cache_teacher_logits(..., "
-        f"temperature={args.temperature})."
-    )
-
-
 def _validate_teacher(
     student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task, processing_class: Any
 ) -> ClassMatch:
@@ -321,7 +169,7 @@ def _validate_teacher(
             f"The teacher solves {teacher_task.value} but the student {task.value}; load the teacher "
             f"with the student's Auto class."
         )
-    match = _match_teacher(student, teacher, task, processing_class)
+    match = teacher_class_match(student, teacher, task, processing_class)
     if task is not Task.CAUSAL_LM:
         s_map = getattr(unwrap_model(student).config, "label2id", None)
         t_map = getattr(unwrap_model(teacher).config, "label2id", None)
@@ -342,20 +190,9 @@ def _validate_teacher(
     return match
 
 
-def _match_teacher(student: nn.Module, teacher: nn.Module, task: Task, processing_class: Any) -> ClassMatch:
-    """The classes compared with an online teacher; its saved tokenizer must be the data's (when both are known)."""
-    tokenizer = text_tokenizer(processing_class)
-    teacher_tokenizer = saved_tokenizer(teacher)
-    if tokenizer is not None and teacher_tokenizer is not None:
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
-    known = tokenizer if tokenizer is not None else teacher_tokenizer
-    size = len(known) if known is not None else None
-    return match_classes(task, output_classes(student, task), output_classes(teacher, task), size)
-
-
 def _first_label(dataset: Any) -> Any:
     """The label of the dataset's first example (None when there is none or it cannot be read cheaply)."""
-    columns = _columns(dataset)
+    columns = dataset_columns(dataset)
     name = next((c for c in LABEL_COLUMNS if columns and c in columns), None)
     if name is None:
         return None
@@ -447,7 +284,7 @@ def validate_loss_setup(
             f"teacher_top_k={args.teacher_top_k}: a multi-label head needs every class's logit (each is its own "
             "sigmoid). Unset teacher_top_k."
         )
-    columns = _columns(train_dataset)
+    columns = dataset_columns(train_dataset)
     if problem_type == MULTI_LABEL and uses_kd and columns is not None and has_cached_logits(columns):
         cached_k = len(train_dataset[0][TOPK_LOGITS])
         if cached_k != classes:

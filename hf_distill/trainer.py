@@ -14,10 +14,11 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits_from_cache
+from hf_distill.cache_checks import validate_cached_dataset
+from hf_distill.chunked_kd import chunked_distillation_loss
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
-from hf_distill.chunked_kd import TeacherLogits, chunked_distillation_loss
 from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, hard_label_loss
 from hf_distill.normalisation import (
     BatchCounts,
@@ -28,10 +29,11 @@ from hf_distill.normalisation import (
     per_example_tokens,
     token_mask,
 )
-from hf_distill.preflight import resolve_problem_type, validate_cached_dataset, validate_loss_setup, validate_setup
+from hf_distill.preflight import resolve_problem_type, validate_loss_setup, validate_setup
 from hf_distill.prompts import num_virtual_tokens
-from hf_distill.tasks import Task, align_logits, infer_task
+from hf_distill.tasks import Task, align_logits, infer_task, unwrap_model
 from hf_distill.teacher import load_teacher
+from hf_distill.teacher_logits import TeacherLogits, streamable_head, streamed_head
 from hf_distill.vocabulary import text_tokenizer
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
@@ -108,6 +110,9 @@ class DistillationTrainer(Trainer):
             if args.torch_teacher_dtype is not None:
                 teacher.to(args.torch_teacher_dtype)
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher_head = None  # set: the loss applies the teacher's LM head per chunk of positions
+        if self.teacher is not None and self.task is Task.CAUSAL_LM:
+            self.teacher_head = streamable_head(self.teacher, lambda b: run_model(self.teacher, b, use_cache=False))
 
     # --- data ------------------------------------------------------------------------------------------------
 
@@ -195,19 +200,7 @@ class DistillationTrainer(Trainer):
             outputs, student_logits = self.student_forward(model, inputs, **extra)
         teacher_outputs = None
         if self.teacher is not None:
-            if self.teacher.training:  # a teacher sharing a PEFT student's frozen base follows model.train()
-                self.teacher.eval()
-            teacher_inputs = self.teacher_prompt.prepend(inputs) if self.teacher_prompt else inputs
-            with torch.no_grad(), self.matcher.capture_values(self.teacher, "teacher"):
-                teacher_outputs = run_model(self.teacher, teacher_inputs, **extra)
-            teacher_logits = input_position_logits(self.teacher, teacher_outputs.logits)
-            if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
-                teacher_logits = self.teacher_prompt.drop_prompt_positions(teacher_logits)
-            compared = self.class_match.compared if self.class_match else None
-            teacher_logits = TeacherLogits.from_logits(
-                teacher_logits, self.args.teacher_top_k, self.args.temperature, compared
-            )
-            teacher_outputs["logits"] = None  # with teacher_top_k, the full logits can go now
+            teacher_outputs, teacher_logits = self._teacher_forward(inputs, extra)
         else:
             classes = self.class_match.teacher if self.class_match else student_logits.shape[-1]
             teacher_logits = teacher_logits_from_cache(cached, classes, self.args.temperature)
@@ -221,6 +214,34 @@ class DistillationTrainer(Trainer):
             return total
         # prediction_step turns every output field into "predictions": hand it the logits alone, as plain Trainer does.
         return total, type(outputs)(loss=total.detach(), logits=student_logits)
+
+    def _teacher_forward(self, inputs: dict[str, Any], extra: dict[str, Any]) -> tuple[Any, TeacherLogits]:
+        """The teacher's output (without logits) and its logits on the student's positions, as a view read by chunks.
+
+        A causal-LM teacher whose logits are its LM head applied to the last hidden state runs without its head
+        (:func:`~hf_distill.teacher_logits.streamed_head`): the loss applies the head a chunk of positions at a
+        time, so the teacher's ``[batch, seq, vocab]`` logits are never computed. ``teacher_top_k`` then keeps the
+        top-k summary only.
+        """
+        if self.teacher.training:  # a teacher sharing a PEFT student's frozen base follows model.train()
+            self.teacher.eval()
+        teacher_inputs = self.teacher_prompt.prepend(inputs) if self.teacher_prompt else inputs
+        head = self.teacher_head
+        streaming = streamed_head(head) if head is not None else contextlib.nullcontext({})
+        with torch.no_grad(), self.matcher.capture_values(self.teacher, "teacher"), streaming as captured:
+            teacher_outputs = run_model(self.teacher, teacher_inputs, **extra)
+        per_position = input_position_logits(self.teacher, captured["hidden"] if head else teacher_outputs.logits)
+        if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
+            per_position = self.teacher_prompt.drop_prompt_positions(per_position)
+        if head is not None:
+            view = TeacherLogits.from_head(per_position, head, int(head.weight.shape[0]))
+        else:
+            view = TeacherLogits.dense(per_position)
+        if self.args.teacher_top_k:
+            compared = self.class_match.compared if self.class_match else None
+            view = view.summarised(self.args.teacher_top_k, self.args.temperature, compared)
+        teacher_outputs["logits"] = None  # the view holds what the loss reads
+        return teacher_outputs, view
 
     def _loss_terms(
         self,
@@ -315,7 +336,6 @@ class DistillationTrainer(Trainer):
 
     def _policy_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         from hf_distill.onpolicy import policy_batch
-        from hf_distill.tasks import unwrap_model
 
         if not hasattr(self, "_policy_rng"):
             self._policy_rng = random.Random(self.args.seed + self.accelerator.process_index)

@@ -121,4 +121,29 @@ def check_same_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any) -> None
     )
 
 
-__all__ = ["ClassMatch", "check_same_tokenizer", "match_classes", "output_classes", "saved_tokenizer"]
+def teacher_class_match(student: nn.Module, teacher: nn.Module, task: Task, processing_class: Any) -> ClassMatch:
+    """The classes compared with an online teacher; its saved tokenizer must be the data's (when both are known).
+
+    ``processing_class`` (the trainer's) tokenized the data; the teacher's tokenizer is the one saved in the folder
+    it was loaded from. Either one's ``len`` decides a padded-vocabulary pair (the data's first).
+
+    Raises:
+        ValueError: different tokenizers, or class counts :func:`match_classes` refuses.
+    """
+    tokenizer, teacher_tokenizer = text_tokenizer(processing_class), saved_tokenizer(teacher)
+    if tokenizer is not None and teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    known = tokenizer if tokenizer is not None else teacher_tokenizer
+    size = len(known) if known is not None else None
+    return match_classes(task, output_classes(student, task), output_classes(teacher, task), size)
+
+
+__all__ = [
+    "ClassMatch",
+    "check_same_tokenizer",
+    "match_classes",
+    "output_classes",
+    "saved_tokenizer",
+    "teacher_class_match",
+    "text_tokenizer",
+]

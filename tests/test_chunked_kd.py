@@ -5,9 +5,10 @@ import torch
 from conftest import lm_dataset, tiny_llama
 
 from hf_distill import DistillationConfig, DistillationTrainer, cache_teacher_logits
-from hf_distill.cache import CachedLogitsCollator, pad_batch
-from hf_distill.chunked_kd import TeacherLogits, chunked_distillation_loss, topk_summary
+from hf_distill.cache import pad_batch
+from hf_distill.chunked_kd import chunked_distillation_loss
 from hf_distill.losses import KD_LOSSES, distillation_loss
+from hf_distill.teacher_logits import TeacherLogits, topk_summary
 
 PARAMS = {"jsd": {"jsd_beta": 0.3}, "skew_kl": {"skew_lambda": 0.2}, "skew_reverse_kl": {"skew_lambda": 0.2}}
 
@@ -207,3 +208,44 @@ def test_online_top_k_trains_and_is_checked(out_dir):
 def test_config_checks_name_value_and_fix(out_dir, overrides, message):
     with pytest.raises(ValueError, match=message):
         cfg(out_dir, **overrides)
+
+
+def test_teacher_head_runs_per_chunk_and_equals_the_full_logits(out_dir):
+    teacher = tiny_llama(2, seed=1)
+    data, batch = _padded_lm_batch()
+    trainer = DistillationTrainer(
+        model=tiny_llama(2, seed=2), teacher=teacher, args=cfg(out_dir, kd_chunk_size=3), train_dataset=data
+    )
+    assert trainer.teacher_head is teacher.get_output_embeddings()
+    outputs, view = trainer._teacher_forward(dict(batch), {"use_cache": False})
+    assert view.hidden is not None and outputs.logits is None  # the teacher's full logits were never computed
+    streamed = _loss_and_grads(trainer, batch)
+    trainer.teacher_head = None  # the full-logits path
+    full = _loss_and_grads(trainer, batch)
+    torch.testing.assert_close(streamed[0], full[0], atol=1e-6, rtol=1e-5)
+    for name in full[1]:
+        torch.testing.assert_close(streamed[1][name], full[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_soft_capped_teacher_keeps_its_full_logits(out_dir, caplog):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=0.5,  # small enough that capping changes every logit
+        pad_token_id=0,
+    )
+    data, batch = _padded_lm_batch()
+    with caplog.at_level("WARNING", logger="hf_distill.teacher_logits"):
+        trainer = DistillationTrainer(
+            model=tiny_llama(2), teacher=Gemma2ForCausalLM(config), args=cfg(out_dir), train_dataset=data
+        )
+    assert trainer.teacher_head is None and "not its LM head applied" in caplog.text
+    assert torch.isfinite(trainer.compute_loss(trainer.model, dict(batch)))

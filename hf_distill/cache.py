@@ -9,7 +9,6 @@ and the rebuilt teacher is exact, so the loss equals the online teacher's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hf_distill.forward import input_position_logits, run_model
 from hf_distill.tasks import Task, infer_task
+from hf_distill.teacher_logits import TeacherLogits, dense_teacher_logits, topk_summary  # noqa: F401 (re-exported)
 
 TOPK_LOGITS = "teacher_topk_logits"
 TOPK_INDICES = "teacher_topk_indices"
@@ -33,6 +33,20 @@ CACHE_NUM_CLASSES = "teacher_num_classes"
 REQUIRED_CACHE_COLUMNS = (TOPK_LOGITS, TOPK_INDICES, REST_MASS, CACHE_TEMPERATURE)
 CACHE_COLUMNS = (*REQUIRED_CACHE_COLUMNS, CACHE_NUM_CLASSES)
 _PAD_KEYS = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "position_ids": 0, "labels": -100}
+
+
+def dataset_columns(dataset: Any) -> list[str] | None:
+    """Column names of a datasets.Dataset, or the keys of a map-style dataset's first example."""
+    if dataset is None:
+        return None
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):
+        return names
+    try:
+        first = dataset[0]
+    except Exception:  # iterable or empty datasets: nothing to check up front
+        return None
+    return list(first) if isinstance(first, dict) else None
 
 
 def has_cached_logits(column_names: Sequence[str]) -> bool:
@@ -136,14 +150,9 @@ def cache_teacher_logits(
         features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         inputs = {k: v.to(device) for k, v in collate(features).items() if torch.is_tensor(v)}
         # The same inputs, positions and pooling as the online teacher in DistillationTrainer.
-        logits = input_position_logits(teacher, run_model(teacher, inputs).logits).float()
+        logits = input_position_logits(teacher, run_model(teacher, inputs).logits)
         num_classes = logits.shape[-1]
-        k = num_classes if top_k is None else top_k
-        if not 1 <= k <= num_classes:
-            raise ValueError(f"top_k must be in [1, {num_classes}] (the teacher's classes), got {top_k}.")
-        values, indices = logits.topk(k, dim=-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        rest = (1.0 - probs.gather(-1, indices).sum(-1)).clamp_min(0.0)
+        values, indices, rest = topk_summary(logits, num_classes if top_k is None else top_k, temperature)
         if task is Task.SEQUENCE_CLASSIFICATION:
             logits_rows += values.cpu().tolist()
             index_rows += indices.cpu().tolist()
@@ -215,40 +224,16 @@ class CachedLogitsCollator:
         return batch
 
 
-def dense_teacher_logits(
-    topk_logits: torch.Tensor,
-    topk_indices: torch.Tensor,
-    rest_mass: torch.Tensor,
-    num_classes: int,
-    temperature: float,
-) -> torch.Tensor:
-    """Rebuild full teacher logits ``[..., num_classes]`` from a top-k cache.
+def teacher_logits_from_cache(
+    cached: dict[str, torch.Tensor], teacher_classes: int, temperature: float
+) -> TeacherLogits:
+    """The teacher's logits for one collated batch of cached columns, checked first, as a :class:`TeacherLogits`.
 
-    Full cache (k = num_classes): the raw logits, exactly (``-inf`` included: the losses read it as probability 0).
-    Partial cache: logits ``T·log p`` whose softmax at temperature T gives the top-k probabilities scaled to
-    ``1 − rest_mass`` and the rest mass spread evenly. Built in log space, so a ``-inf`` top-k logit stays an exact
-    0 probability (never a NaN); the spread rest keeps a floor of float32's smallest normal number, because a cache
-    cannot tell a leftover of exactly 0 from one that underflowed.
-    """
-    k = topk_logits.shape[-1]
-    if k == num_classes:
-        return torch.zeros(*topk_logits.shape[:-1], num_classes, device=topk_logits.device).scatter(
-            -1, topk_indices, topk_logits.float()
-        )
-    log_tiny = math.log(torch.finfo(torch.float32).tiny)
-    rest_mass = rest_mass.float()
-    log_top = torch.log_softmax(topk_logits.float() / temperature, -1) + torch.log1p(-rest_mass).unsqueeze(-1)
-    log_other = (torch.log(rest_mass / (num_classes - k)).clamp_min(log_tiny)).unsqueeze(-1)
-    log_probs = log_other.expand(*topk_logits.shape[:-1], num_classes).clone().scatter(-1, topk_indices, log_top)
-    return temperature * log_probs
-
-
-def teacher_logits_from_cache(cached: dict[str, torch.Tensor], num_classes: int, temperature: float) -> torch.Tensor:
-    """Dense teacher logits ``[..., num_classes]`` for one collated batch of cached columns, checked first.
-
-    ``num_classes`` is the student's output size and ``temperature`` the training temperature. Rows of a partial
-    cache (top-k < classes) with leftover mass must have been built at the training temperature (their rest mass
-    holds only there); the rebuilt logits then hold the teacher's distribution at ``temperature``.
+    ``teacher_classes`` is the teacher's number of classes validated before training (the cache's
+    ``teacher_num_classes``; the student's output size for older caches without it) and ``temperature`` the training
+    temperature. Rows of a partial cache (top-k < classes) with leftover mass must have been built at the training
+    temperature (their rest mass holds only there); the rebuilt logits (:func:`dense_teacher_logits`, a chunk of
+    positions at a time) then hold the teacher's distribution at ``temperature``.
 
     Raises:
         ValueError: the batch has no cached columns (an eval or test set that was never cached), the cache comes
@@ -262,23 +247,24 @@ def teacher_logits_from_cache(cached: dict[str, torch.Tensor], num_classes: int,
             "too, or pass teacher=."
         )
     indices, rest = cached[TOPK_INDICES], cached[REST_MASS]
-    teacher_classes = cached.get(CACHE_NUM_CLASSES)
-    if (teacher_classes is not None and bool((teacher_classes != num_classes).any())) or (
-        indices.numel() and int(indices.max()) >= num_classes
+    cached_classes = cached.get(CACHE_NUM_CLASSES)
+    if (cached_classes is not None and bool((cached_classes != teacher_classes).any())) or (
+        indices.numel() and int(indices.max()) >= teacher_classes
     ):
-        found = sorted({int(c) for c in teacher_classes.flatten()}) if teacher_classes is not None else "more"
+        found = sorted({int(c) for c in cached_classes.flatten()}) if cached_classes is not None else "more"
         raise ValueError(
-            f"The cached teacher logits come from a teacher with {found} classes but the student has {num_classes}: "
+            f"The cached teacher logits come from a teacher with {found} classes but {teacher_classes} were checked "
+            "before training (the student's, or the train cache's teacher): "
             "the cache comes from a teacher with another label set or vocabulary. Rebuild it with the teacher "
             "of this student."
         )
-    partial = cached[TOPK_LOGITS].shape[-1] < num_classes
+    partial = cached[TOPK_LOGITS].shape[-1] < teacher_classes
     temperatures = cached[CACHE_TEMPERATURE].float()
     if partial and bool((rest > 0).any()) and bool(((temperatures - temperature).abs() > 1e-6).any()):
         raise ValueError(
             f"This batch holds cached teacher logits built at temperature(s) {sorted(set(temperatures.tolist()))} "
-            f"with top-k < {num_classes} classes, but training uses temperature={temperature}: the leftover mass only "
-            "holds at the cache's temperature. Rebuild the cache with cache_teacher_logits(..., temperature="
+            f"with top-k < {teacher_classes} classes, but training uses temperature={temperature}: the leftover mass "
+            "only holds at the cache's temperature. Rebuild the cache with cache_teacher_logits(..., temperature="
             f"{temperature})."
         )
-    return dense_teacher_logits(cached[TOPK_LOGITS], indices, rest, num_classes, temperature)
+    return TeacherLogits.top_k(cached[TOPK_LOGITS], indices, rest, teacher_classes, temperature)

@@ -102,6 +102,23 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "dtype of the frozen teacher, e.g. 'bfloat16' (halves its memory); None keeps its own."},
     )
+    kd_chunk_size: int = field(
+        default=256,
+        metadata={
+            "help": "Positions per chunk of the KD loss (>= 0). The divergence is computed and, in the backward "
+            "pass, recomputed a chunk at a time, so its intermediates take chunk x vocabulary floats instead of "
+            "several batch x seq x vocabulary copies; values and gradients equal the unchunked loss. 0 computes it "
+            "on all positions at once."
+        },
+    )
+    teacher_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Online teacher: keep only its top-k logits per position plus the probability mass of the rest "
+            "(the offline cache's representation), taken right after its forward pass, so that its full logits "
+            "are not kept through the step. None keeps every logit (exact)."
+        },
+    )
     teacher_prompt: str | None = field(
         default=None,
         metadata={
@@ -161,6 +178,16 @@ class DistillationConfig(TrainingArguments):
         for name in ("hidden_loss_weight", "attention_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not isinstance(self.kd_chunk_size, int) or self.kd_chunk_size < 0:
+            raise ValueError(
+                f"kd_chunk_size must be an integer >= 0 (positions per chunk of the KD loss), got "
+                f"{self.kd_chunk_size!r}. Use e.g. 256, or 0 to compute the loss on all positions at once."
+            )
+        if self.teacher_top_k is not None and (not isinstance(self.teacher_top_k, int) or self.teacher_top_k < 1):
+            raise ValueError(
+                f"teacher_top_k must be an integer >= 1 (logits kept per position), got {self.teacher_top_k!r}. Use "
+                "e.g. 50, or None to keep every logit."
+            )
         if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
             raise ValueError(f"Unknown teacher_dtype {self.teacher_dtype!r}. Choose one of {sorted(_DTYPES)}.")
         self.layer_map = self._parse_layer_map(self.layer_map)

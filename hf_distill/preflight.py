@@ -7,65 +7,22 @@ from typing import Any
 
 from torch import nn
 
-from hf_distill.cache import (
-    CACHE_NUM_CLASSES,
-    CACHE_TEMPERATURE,
-    REST_MASS,
-    TOPK_INDICES,
-    TOPK_LOGITS,
-    column_max,
-    column_values,
-    has_cached_logits,
-)
+from hf_distill.cache import TOPK_LOGITS, dataset_columns, has_cached_logits
+from hf_distill.cache_checks import validate_cached_setup
 from hf_distill.config import DistillationConfig
+from hf_distill.forward import accepted_inputs
 from hf_distill.losses import LOGIT_LOSSES, MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from hf_distill.prompts import check_peft_combination, num_virtual_tokens
 from hf_distill.tasks import Task, infer_task, unwrap_model
+from hf_distill.vocabulary import (
+    ClassMatch,
+    describe,
+    output_classes,
+    teacher_class_match,
+)
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 logger = logging.getLogger(__name__)
-
-
-def _columns(dataset: Any) -> list[str] | None:
-    """Column names of a datasets.Dataset, or the keys of a map-style dataset's first example."""
-    if dataset is None:
-        return None
-    names = getattr(dataset, "column_names", None)
-    if isinstance(names, list):
-        return names
-    try:
-        first = dataset[0]
-    except Exception:  # iterable or empty datasets: nothing to check up front
-        return None
-    return list(first) if isinstance(first, dict) else None
-
-
-def _output_classes(model: nn.Module, task: Task) -> int:
-    base = unwrap_model(model)
-    if task is Task.CAUSAL_LM:
-        head = base.get_output_embeddings()
-        return int(head.weight.shape[0]) if head is not None else int(base.config.vocab_size)
-    return int(base.config.num_labels)
-
-
-def check_class_counts(task: Task, student_classes: int, teacher_classes: int) -> None:
-    """The teacher (online or cached) and the student must have the same classes / vocabulary size.
-
-    Raises:
-        ValueError: the counts differ; the message says how to build a matching student.
-    """
-    if student_classes == teacher_classes:
-        return
-    if task is Task.CAUSAL_LM:
-        raise ValueError(
-            f"Teacher vocabulary size {teacher_classes} differs from the student's {student_classes}: token-level KD "
-            "needs one vocabulary. Use a student with the teacher's tokenizer (create_student does), or resize the "
-            "student's embeddings with model.resize_token_embeddings(teacher_vocab_size)."
-        )
-    raise ValueError(
-        f"Teacher has {teacher_classes} labels but the student {student_classes}: build the student with the "
-        "teacher's num_labels, id2label and label2id (create_student copies them)."
-    )
 
 
 def validate_setup(
@@ -76,15 +33,18 @@ def validate_setup(
     train_dataset: Any = None,
     processing_class: Any = None,
     eval_dataset: Any = None,
-) -> None:
+    data_collator: Any = None,
+) -> ClassMatch | None:
     """Every check that can run before training: PEFT combinations, teacher or cache against the student, labels.
 
     ``eval_dataset`` may be one dataset or a dict of them; with ``teacher=None`` each must hold a valid cache.
+    Returns which classes the KD loss compares (:func:`~hf_distill.vocabulary.match_classes`; logged once when
+    padded vocabularies leave some out), or None when a cache cannot be read up front.
 
     Raises:
         ValueError: the first failing check, naming the problem and the fix.
     """
-    columns = _columns(train_dataset)
+    columns = dataset_columns(train_dataset)
     check_peft_combination(student)
     if num_virtual_tokens(student) and args.attention_loss_weight > 0:
         raise ValueError(
@@ -99,16 +59,72 @@ def validate_setup(
             f"student (this one solves {task.value}) and an online teacher (teacher=...), not a logit cache."
         )
     if teacher is None:
-        _validate_cached(student, args, task, train_dataset, eval_dataset)
+        match = validate_cached_setup(student, args, task, train_dataset, eval_dataset, processing_class)
     else:
-        _validate_teacher(student, teacher, args, task)
+        match = _validate_teacher(student, teacher, args, task, processing_class)
     label_columns = (*LABEL_COLUMNS, *(args.label_names or []))
     if args.alpha < 1 and columns is not None and not any(c in columns for c in label_columns):
+        if not collator_adds_labels(student, args, train_dataset, data_collator):
+            raise ValueError(
+                f"alpha={args.alpha} gives the hard-label loss weight {1 - args.alpha:.2f}, but the train dataset "
+                f"has no label column (columns: {columns}) and the data collator adds none. Add a 'labels' column, "
+                "use a collator that makes them (DataCollatorForLanguageModeling(tokenizer, mlm=False) for causal "
+                "LM), or set alpha=1.0 to learn from the teacher only."
+            )
+    _validate_teacher_top_k(args, teacher, match)
+    if match is not None and match.padded:
+        logger.warning(describe(match))
+    return match
+
+
+def _validate_teacher_top_k(args: DistillationConfig, teacher: nn.Module | None, match: ClassMatch | None) -> None:
+    k = args.teacher_top_k
+    if k is None:
+        return
+    if teacher is None:
         raise ValueError(
-            f"alpha={args.alpha} gives the hard-label loss weight {1 - args.alpha:.2f}, but the train dataset has "
-            f"no label column (columns: {columns}). Add a 'labels' column, or set alpha=1.0 to learn from the "
-            "teacher only."
+            f"teacher_top_k={k} summarises an online teacher's logits; a logit cache holds its own top-k "
+            "(cache_teacher_logits(..., top_k=...)). Unset teacher_top_k, or pass teacher=."
         )
+    if args.kd_loss in LOGIT_LOSSES:
+        raise ValueError(
+            f"teacher_top_k={k} keeps probabilities, but kd_loss={args.kd_loss!r} compares raw logits. Use a "
+            "divergence such as 'forward_kl', or unset teacher_top_k."
+        )
+    if match is not None and k > match.compared:
+        raise ValueError(
+            f"teacher_top_k={k}, but the KD loss compares {match.compared} classes. Use at most {match.compared}, "
+            "or None to keep every logit."
+        )
+
+
+def collator_adds_labels(student: nn.Module, args: DistillationConfig, dataset: Any, data_collator: Any) -> bool:
+    """True when ``data_collator`` turns the dataset's first example into a batch with ``labels``.
+
+    The example is collated as the Trainer will (columns the student does not take are removed first, unless
+    ``remove_unused_columns=False``): one example, so the check is cheap, and it sees what the collator really
+    does (``DataCollatorForLanguageModeling(mlm=False)`` copies ``input_ids``), whatever its class.
+
+    Raises:
+        ValueError: the collator fails on the example.
+    """
+    if data_collator is None or not hasattr(dataset, "__getitem__"):
+        return False
+    try:
+        example = dict(dataset[0])
+    except Exception:  # iterable or empty datasets: the first batch's hard_loss check still applies
+        return False
+    if args.remove_unused_columns:
+        kept = accepted_inputs(student) | set(LABEL_COLUMNS)
+        example = {k: v for k, v in example.items() if k in kept}
+    try:
+        batch = data_collator([example])
+    except Exception as err:  # any collator's own error: say which check ran into it
+        raise ValueError(
+            f"The data collator {type(data_collator).__name__} failed on the train dataset's first example (collated "
+            f"before training to see whether it adds labels): {type(err).__name__}: {err}"
+        ) from err
+    return hasattr(batch, "get") and batch.get("labels") is not None
 
 
 def _validate_teacher_prompt(args: DistillationConfig, task: Task, teacher: Any, processing_class: Any) -> None:
@@ -128,116 +144,9 @@ def _validate_teacher_prompt(args: DistillationConfig, task: Task, teacher: Any,
         )
 
 
-def _validate_cached(
-    student: nn.Module, args: DistillationConfig, task: Task, train_dataset: Any, eval_dataset: Any
-) -> None:
-    named = _named_datasets(train_dataset, eval_dataset)
-    for name, dataset in (named or {"train dataset": None}).items():
-        columns = _columns(dataset)
-        if dataset is None or (columns is not None and not has_cached_logits(columns)):
-            raise ValueError(_missing_cache_message(name, columns))
-    if args.hidden_loss_weight > 0 or args.attention_loss_weight > 0:
-        raise ValueError(
-            "Hidden-state and attention matching need the teacher's activations, which the logit cache does not "
-            "hold. Pass teacher= (online distillation) or set hidden_loss_weight=0 and attention_loss_weight=0."
-        )
-    if args.kd_loss == "mse":
-        raise ValueError(
-            "kd_loss='mse' compares raw logits; a top-k cache keeps only probabilities. Use a "
-            "divergence such as 'forward_kl' with cached logits, or pass teacher=."
-        )
-    for name, dataset in named.items():
-        validate_cached_dataset(student, args, task, dataset, name)
-
-
-def _missing_cache_message(name: str, columns: list[str] | None) -> str:
-    article = "an" if name[0] in "aeiou" else "a"
-    return (
-        f"teacher=None needs {article} {name} with cached teacher logits (columns teacher_topk_logits, "
-        "teacher_topk_indices, teacher_rest_mass, teacher_temperature): every dataset it trains or evaluates on; "
-        f"found {columns}. Run "
-        "hf_distill.cache_teacher_logits(teacher, dataset) on it first, or pass teacher=."
-    )
-
-
-def _named_datasets(train_dataset: Any, eval_dataset: Any) -> dict[str, Any]:
-    """The train set and every eval set (``eval_dataset`` may be a dict of them), by the name errors use."""
-    named = {"train dataset": train_dataset}
-    if isinstance(eval_dataset, dict):
-        named |= {f"eval dataset {key!r}": value for key, value in eval_dataset.items()}
-    else:
-        named["eval dataset"] = eval_dataset
-    return {name: dataset for name, dataset in named.items() if dataset is not None}
-
-
-def validate_cached_dataset(student: nn.Module, args: DistillationConfig, task: Task, dataset: Any, name: str) -> None:
-    """Check a cached dataset against the student and the training temperature, over all rows.
-
-    The teacher's class count must equal the student's (the error of the online path); caches written without it
-    (older hf_distill) must at least have indices below the student's class count. Rows of a partial cache with
-    leftover mass must share the training temperature.
-
-    Raises:
-        ValueError: a check fails; the message names ``name`` and the fix.
-    """
-    columns = _columns(dataset)
-    if columns is not None and not has_cached_logits(columns):
-        raise ValueError(_missing_cache_message(name, columns))
-    if columns is None or not hasattr(dataset, "__len__") or not len(dataset):
-        return  # iterable or empty datasets: the per-batch checks of teacher_logits_from_cache still apply
-    first = dataset[0][TOPK_LOGITS]
-    cached_k = len(first) if task is Task.SEQUENCE_CLASSIFICATION else len(first[0])
-    classes = _output_classes(student, task)
-    if CACHE_NUM_CLASSES in columns:
-        counts = column_values(dataset, CACHE_NUM_CLASSES)
-        if len(counts) > 1:
-            raise ValueError(
-                f"The {name} mixes caches from teachers with {sorted(counts)} classes; rebuild it with one teacher."
-            )
-        check_class_counts(task, classes, int(counts.pop()))
-    else:
-        largest = column_max(dataset, TOPK_INDICES)
-        if cached_k > classes or largest >= classes:
-            raise ValueError(
-                f"The {name} holds teacher class indices up to {int(largest)} ({cached_k} per position) but the "
-                f"student has only {classes} classes: the cache comes from a teacher with another label set or "
-                "vocabulary. Rebuild it with this student's teacher."
-            )
-        logger.warning(
-            "The %s has no %s column (a cache written by an older hf_distill): its class indices fit the student's "
-            "%d classes, but a teacher with fewer classes cannot be ruled out. Rebuild it with cache_teacher_logits "
-            "to have the class count checked.",
-            name,
-            CACHE_NUM_CLASSES,
-            classes,
-        )
-    _validate_cached_temperature(args, dataset, name, cached_k, classes)
-
-
-def _validate_cached_temperature(
-    args: DistillationConfig, dataset: Any, name: str, cached_k: int, classes: int
-) -> None:
-    if cached_k >= classes:
-        return  # a full cache holds raw logits: right at every temperature
-    temperatures = column_values(dataset, CACHE_TEMPERATURE)
-    if all(abs(t - args.temperature) <= 1e-6 for t in temperatures) or column_max(dataset, REST_MASS) <= 0:
-        return  # no leftover mass: the top-k distribution is right at every temperature
-    if len(temperatures) > 1:
-        raise ValueError(
-            f"The {name} holds top-{cached_k} teacher caches built at temperatures {sorted(temperatures)}; their "
-            "leftover mass only holds at the temperature each row was built at, and one batch trains at one. "
-            f"Rebuild the whole cache with cache_teacher_logits(..., temperature={args.temperature})."
-        )
-    built = temperatures.pop()
-    raise ValueError(
-        f"The {name}'s teacher cache was built at temperature {built} with top_k={cached_k} < {classes} classes, "
-        f"so its leftover mass only holds at that temperature, but training uses temperature={args.temperature}. "
-        f"Set temperature={built} or rebuild the cache with cache_teacher_logits(..., "
-        f"temperature={args.temperature})."
-    )
-
-
-def _validate_teacher(student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task) -> None:
+def _validate_teacher(
+    student: nn.Module, teacher: nn.Module, args: DistillationConfig, task: Task, processing_class: Any
+) -> ClassMatch:
     if teacher is student:
         raise ValueError(
             "teacher and model are the same object: the student would distil from itself. Pass a "
@@ -260,7 +169,7 @@ def _validate_teacher(student: nn.Module, teacher: nn.Module, args: Distillation
             f"The teacher solves {teacher_task.value} but the student {task.value}; load the teacher "
             f"with the student's Auto class."
         )
-    check_class_counts(task, _output_classes(student, task), _output_classes(teacher, task))
+    match = teacher_class_match(student, teacher, task, processing_class)
     if task is not Task.CAUSAL_LM:
         s_map = getattr(unwrap_model(student).config, "label2id", None)
         t_map = getattr(unwrap_model(teacher).config, "label2id", None)
@@ -278,11 +187,12 @@ def _validate_teacher(student: nn.Module, teacher: nn.Module, args: Distillation
                     f"layer_map entry {s} -> {t} is out of range: student hidden states are 0..{s_layers} and "
                     f"teacher hidden states 0..{t_layers} (0 is the embedding output)."
                 )
+    return match
 
 
 def _first_label(dataset: Any) -> Any:
     """The label of the dataset's first example (None when there is none or it cannot be read cheaply)."""
-    columns = _columns(dataset)
+    columns = dataset_columns(dataset)
     name = next((c for c in LABEL_COLUMNS if columns and c in columns), None)
     if name is None:
         return None
@@ -317,7 +227,7 @@ def resolve_problem_type(student: nn.Module, teacher: nn.Module | None, task: Ta
     label = _first_label(train_dataset)
     problem = declared.get("student") or declared.get("teacher")
     if problem is None:
-        if _output_classes(student, task) == 1:
+        if output_classes(student, task) == 1:
             problem = REGRESSION
         else:
             problem = MULTI_LABEL if isinstance(label, (list, tuple)) else SINGLE_LABEL
@@ -344,7 +254,7 @@ def validate_loss_setup(
         ValueError: a softmax divergence on a single-output / regression head, label smoothing without a softmax,
             a partial logit cache for a multi-label head, or a Trainer loss option the distillation loss replaces.
     """
-    classes = _output_classes(student, task)
+    classes = output_classes(student, task)
     uses_kd, uses_hard = args.alpha > 0, args.alpha < 1
     if uses_kd and args.kd_loss not in LOGIT_LOSSES and (problem_type == REGRESSION or classes == 1):
         raise ValueError(
@@ -369,7 +279,12 @@ def validate_loss_setup(
                 f"label_smoothing_factor={args.label_smoothing_factor} smooths a softmax over classes; a "
                 f"{problem_type} head has none (Trainer drops it for multi-label). Set label_smoothing_factor=0."
             )
-    columns = _columns(train_dataset)
+    if problem_type == MULTI_LABEL and uses_kd and args.teacher_top_k is not None:
+        raise ValueError(
+            f"teacher_top_k={args.teacher_top_k}: a multi-label head needs every class's logit (each is its own "
+            "sigmoid). Unset teacher_top_k."
+        )
+    columns = dataset_columns(train_dataset)
     if problem_type == MULTI_LABEL and uses_kd and columns is not None and has_cached_logits(columns):
         cached_k = len(train_dataset[0][TOPK_LOGITS])
         if cached_k != classes:

@@ -14,10 +14,12 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits_from_cache
+from hf_distill.cache_checks import validate_cached_dataset
+from hf_distill.chunked_kd import chunked_distillation_loss
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
-from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, distillation_loss, hard_label_loss
+from hf_distill.losses import MULTI_LABEL, SINGLE_LABEL, check_finite_kd, hard_label_loss
 from hf_distill.normalisation import (
     POSITIONS,
     BatchCounts,
@@ -28,10 +30,12 @@ from hf_distill.normalisation import (
     per_example_tokens,
     token_mask,
 )
-from hf_distill.preflight import resolve_problem_type, validate_cached_dataset, validate_loss_setup, validate_setup
+from hf_distill.preflight import resolve_problem_type, validate_loss_setup, validate_setup
 from hf_distill.prompts import num_virtual_tokens
-from hf_distill.tasks import Task, align_logits, infer_task
+from hf_distill.tasks import Task, align_logits, infer_task, unwrap_model
 from hf_distill.teacher import load_teacher
+from hf_distill.teacher_logits import TeacherLogits, streamable_head, streamed_head
+from hf_distill.vocabulary import text_tokenizer
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
 
@@ -71,8 +75,15 @@ class DistillationTrainer(Trainer):
             teacher = load_teacher(teacher, args, self.task)
         # Every check runs before Trainer builds optimizers, dataloaders or moves weights.
         train_dataset = kwargs.get("train_dataset")
-        validate_setup(
-            model, teacher, args, self.task, train_dataset, processing_class, eval_dataset=kwargs.get("eval_dataset")
+        self.class_match = validate_setup(
+            model,
+            teacher,
+            args,
+            self.task,
+            train_dataset,
+            processing_class,
+            eval_dataset=kwargs.get("eval_dataset"),
+            data_collator=kwargs.get("data_collator"),
         )
         # multi-label heads distil per class (sigmoid) and train on BCE; regression heads on MSE.
         self.problem_type = resolve_problem_type(model, teacher, self.task, train_dataset)
@@ -100,6 +111,9 @@ class DistillationTrainer(Trainer):
             if args.torch_teacher_dtype is not None:
                 teacher.to(args.torch_teacher_dtype)
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher_head = None  # set: the loss applies the teacher's LM head per chunk of positions
+        if self.teacher is not None and self.task is Task.CAUSAL_LM:
+            self.teacher_head = streamable_head(self.teacher, lambda b: run_model(self.teacher, b, use_cache=False))
 
     # --- data ------------------------------------------------------------------------------------------------
 
@@ -123,8 +137,12 @@ class DistillationTrainer(Trainer):
             named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
             for key, dataset in named.items():
                 name = "eval dataset" if key is None else f"eval dataset {key!r}"
-                validate_cached_dataset(self.model, self.args, self.task, dataset, name)
+                validate_cached_dataset(self.model, self.args, self.task, dataset, name, self._tokenizer_size())
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def _tokenizer_size(self) -> int | None:
+        tokenizer = text_tokenizer(self.processing_class)
+        return len(tokenizer) if tokenizer is not None else None
 
     # --- model calls: each model gets its own inputs; positions and pooling follow the attention mask ----------
 
@@ -183,16 +201,10 @@ class DistillationTrainer(Trainer):
             outputs, student_logits = self.student_forward(model, inputs, **extra)
         teacher_outputs = None
         if self.teacher is not None:
-            if self.teacher.training:  # a teacher sharing a PEFT student's frozen base follows model.train()
-                self.teacher.eval()
-            teacher_inputs = self.teacher_prompt.prepend(inputs) if self.teacher_prompt else inputs
-            with torch.no_grad(), self.matcher.capture_values(self.teacher, "teacher"):
-                teacher_outputs = run_model(self.teacher, teacher_inputs, **extra)
-            teacher_logits = input_position_logits(self.teacher, teacher_outputs.logits)
-            if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
-                teacher_logits = self.teacher_prompt.drop_prompt_positions(teacher_logits)
+            teacher_outputs, teacher_logits = self._teacher_forward(inputs, extra)
         else:
-            teacher_logits = teacher_logits_from_cache(cached, student_logits.shape[-1], self.args.temperature)
+            classes = self.class_match.teacher if self.class_match else student_logits.shape[-1]
+            teacher_logits = teacher_logits_from_cache(cached, classes, self.args.temperature)
 
         terms = self._loss_terms(student_logits, teacher_logits, labels, inputs.get("attention_mask"), model.training)
         if teacher_outputs is not None and self.matcher is not None:
@@ -204,10 +216,38 @@ class DistillationTrainer(Trainer):
         # prediction_step turns every output field into "predictions": hand it the logits alone, as plain Trainer does.
         return total, type(outputs)(loss=total.detach(), logits=student_logits)
 
+    def _teacher_forward(self, inputs: dict[str, Any], extra: dict[str, Any]) -> tuple[Any, TeacherLogits]:
+        """The teacher's output (without logits) and its logits on the student's positions, as a view read by chunks.
+
+        A causal-LM teacher whose logits are its LM head applied to the last hidden state runs without its head
+        (:func:`~hf_distill.teacher_logits.streamed_head`): the loss applies the head a chunk of positions at a
+        time, so the teacher's ``[batch, seq, vocab]`` logits are never computed. ``teacher_top_k`` then keeps the
+        top-k summary only.
+        """
+        if self.teacher.training:  # a teacher sharing a PEFT student's frozen base follows model.train()
+            self.teacher.eval()
+        teacher_inputs = self.teacher_prompt.prepend(inputs) if self.teacher_prompt else inputs
+        head = self.teacher_head
+        streaming = streamed_head(head) if head is not None else contextlib.nullcontext({})
+        with torch.no_grad(), self.matcher.capture_values(self.teacher, "teacher"), streaming as captured:
+            teacher_outputs = run_model(self.teacher, teacher_inputs, **extra)
+        per_position = input_position_logits(self.teacher, captured["hidden"] if head else teacher_outputs.logits)
+        if self.teacher_prompt is not None and self.task is Task.CAUSAL_LM:
+            per_position = self.teacher_prompt.drop_prompt_positions(per_position)
+        if head is not None:
+            view = TeacherLogits.from_head(per_position, head, int(head.weight.shape[0]))
+        else:
+            view = TeacherLogits.dense(per_position)
+        if self.args.teacher_top_k:
+            compared = self.class_match.compared if self.class_match else None
+            view = view.summarised(self.args.teacher_top_k, self.args.temperature, compared)
+        teacher_outputs["logits"] = None  # the view holds what the loss reads
+        return teacher_outputs, view
+
     def _loss_terms(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | TeacherLogits,
         labels: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         training: bool,
@@ -220,14 +260,16 @@ class DistillationTrainer(Trainer):
         labelled_rows = aligned.labelled.reshape(batch, -1).any(1)
         terms: dict[str, Term] = {}
         if aligned.teacher is not None and (args.alpha > 0 or not bool(labelled_rows.all())):
-            kd = distillation_loss(
+            kd = chunked_distillation_loss(
                 aligned.student,
                 aligned.teacher,
+                aligned.mask,
                 loss=args.kd_loss,
                 temperature=args.temperature,
                 scale_by_t2=args.scale_by_t2,
-                reduction="none",
                 multi_label=self.problem_type == MULTI_LABEL,
+                chunk_size=args.kd_chunk_size,
+                num_classes=self.class_match.compared if self.class_match else None,
                 **args.kd_params(),
             )
             terms["kd_loss"] = per_example(kd, aligned.mask, batch)
@@ -306,7 +348,6 @@ class DistillationTrainer(Trainer):
 
     def _policy_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         from hf_distill.onpolicy import policy_batch
-        from hf_distill.tasks import unwrap_model
 
         if not hasattr(self, "_policy_rng"):
             self._policy_rng = random.Random(self.args.seed + self.accelerator.process_index)

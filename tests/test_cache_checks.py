@@ -69,7 +69,7 @@ def test_cache_without_class_count_still_loads_and_indices_are_checked(out_dir, 
     with pytest.raises(ValueError, match=r"class indices up to 3[2-9] \(8 per position\) .* only 32 classes"):
         offline(out_dir, build(32, 2), wide)
     narrow = cache_teacher_logits(build(VOCAB, 1), data(), top_k=4, temperature=2.0).remove_columns(CACHE_NUM_CLASSES)
-    with caplog.at_level(logging.WARNING, logger="hf_distill.preflight"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.cache_checks"):
         trainer = offline(out_dir, build(VOCAB, 2), narrow)
     assert "older hf_distill" in caplog.text
     trainer.train()  # an old cache that fits trains as before

@@ -1,0 +1,145 @@
+"""The KD divergence over chunks of positions, so that a large vocabulary does not multiply the step's memory.
+
+A causal LM's logits are ``[batch, seq, vocab]``: at vocabulary 49,152 and batch 8 × 512 one fp32 copy is 805 MB,
+and a divergence computed on the whole batch builds several more (the teacher in fp32, both log-softmaxes, their
+exponentials, a mixture for JSD), most of which autograd keeps for the backward pass.
+:func:`chunked_distillation_loss` computes :func:`~hf_distill.losses.distillation_loss` on ``chunk_size``
+positions at a time, with each chunk's gradient taken right away (a custom autograd Function), so every
+intermediate is bounded by one chunk and only the gradient ``[N, vocab]`` is kept for the backward pass; the
+teacher's logits (:class:`~hf_distill.teacher_logits.TeacherLogits`) can go as soon as the loss is known. Only the
+loss positions are computed (prompt and padding positions are skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hf_distill.losses import KD_LOSSES, distillation_loss, masked_mean
+from hf_distill.teacher_logits import TeacherLogits
+
+
+@dataclass(frozen=True)
+class _Divergence:
+    """One registered KD loss with its options, applied to a chunk of rows."""
+
+    loss: str
+    temperature: float
+    scale_by_t2: bool
+    multi_label: bool
+    classes: int
+    params: dict[str, float]
+
+    def __call__(self, student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(
+            student_rows[:, : self.classes],
+            teacher_rows,
+            loss=self.loss,
+            temperature=self.temperature,
+            scale_by_t2=self.scale_by_t2,
+            reduction="none",
+            multi_label=self.multi_label,
+            **self.params,
+        )
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Per-position divergence ``[N]`` of ``student [N, C]``, computed and differentiated ``chunk`` rows at a time.
+
+    Each chunk's gradient is taken in the forward pass with autograd (the divergence of one position depends on
+    that position's logits only, so the gradient of the chunk's sum is every row's own gradient); backward scales
+    the stored ``[N, C]`` gradient by the incoming one in place. Compared with recomputing chunks in backward this
+    runs each chunk once and keeps neither the student's nor the teacher's logits alive. ``rows`` are the positions
+    computed (the loss positions); all others get value 0 and gradient 0.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, student: torch.Tensor, rows: torch.Tensor, teacher: TeacherLogits, fn: _Divergence, chunk: int
+    ) -> torch.Tensor:
+        out = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        grad = torch.zeros_like(student)
+        for start in range(0, rows.numel(), chunk):
+            index = rows[start : start + chunk]
+            target = teacher.rows(index, fn.classes)
+            with torch.enable_grad():
+                part = student[index].detach().requires_grad_(True)
+                values = fn(part, target)
+                (part_grad,) = torch.autograd.grad(values.sum(), part)
+            out[index] = values.detach()
+            grad.index_copy_(0, index, part_grad.to(grad.dtype))
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.used:  # the stored gradient was scaled in place by the first backward pass
+            raise RuntimeError(
+                "The chunked KD loss supports one backward pass per forward (retain_graph=True is not supported); "
+                "set kd_chunk_size=0 for the unchunked loss."
+            )
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_out.to(grad.dtype)[:, None]), None, None, None, None
+
+
+def chunked_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TeacherLogits,
+    mask: torch.Tensor,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    multi_label: bool = False,
+    chunk_size: int = 0,
+    num_classes: int | None = None,
+    **params: float,
+) -> torch.Tensor:
+    """Per-position KD loss ``[N]`` of ``student_logits [N, C_s]`` against ``teacher_logits [N, C_t]``, 0 off ``mask``.
+
+    The values and gradients of ``distillation_loss(..., reduction="none")`` at the positions of ``mask`` (``[N]``
+    bool), computed ``chunk_size`` positions at a time (0: all at once, the unchunked computation). Only the first
+    ``num_classes`` classes of both sides are compared (default: all of the student's); they must exist on both.
+    Without a gradient to compute (evaluation, a frozen student) the chunks are evaluated only.
+
+    Raises:
+        ValueError: unknown loss, a negative chunk size, or shapes that do not line up.
+    """
+    if loss not in KD_LOSSES:
+        raise ValueError(f"Unknown KD loss {loss!r}. Choose one of {sorted(KD_LOSSES)} or register your own.")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: no chunking), got {chunk_size}.")
+    teacher = teacher_logits if isinstance(teacher_logits, TeacherLogits) else TeacherLogits.dense(teacher_logits)
+    classes = num_classes or int(student_logits.shape[-1])
+    if student_logits.dim() != 2 or teacher.shape[:-1] != student_logits.shape[:-1] or mask.shape != teacher.shape[:-1]:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)}, teacher logits {tuple(teacher.shape)} and mask "
+            f"{tuple(mask.shape)} must be [N, classes], [N, classes] and [N] over the same N positions."
+        )
+    if not classes <= min(int(student_logits.shape[-1]), teacher.num_classes):
+        raise ValueError(
+            f"num_classes={classes} compared classes, but the student has {student_logits.shape[-1]} and the teacher "
+            f"{teacher.num_classes}."
+        )
+    fn = _Divergence(loss, float(temperature), scale_by_t2, multi_label, classes, dict(params))
+    mask = mask.bool()
+    if chunk_size == 0:
+        every = torch.arange(mask.numel(), device=mask.device)
+        return masked_mean(fn(student_logits, teacher.rows(every, classes)), mask, "none")
+    rows = mask.nonzero().squeeze(-1)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _ChunkedDivergence.apply(student_logits, rows, teacher, fn, int(chunk_size))
+    out = torch.zeros(mask.numel(), dtype=torch.float32, device=student_logits.device)
+    with torch.no_grad():
+        for start in range(0, rows.numel(), chunk_size):
+            index = rows[start : start + chunk_size]
+            out[index] = fn(student_logits[index], teacher.rows(index, classes))
+    return out
+
+
+__all__ = ["chunked_distillation_loss"]

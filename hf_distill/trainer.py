@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits_from_cache
 from hf_distill.cache_checks import validate_cached_dataset
+from hf_distill.checkpoints import last_complete_checkpoint
 from hf_distill.chunked_kd import chunked_distillation_loss
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs, input_position_logits, run_model
@@ -35,6 +36,7 @@ from hf_distill.prompts import num_virtual_tokens
 from hf_distill.tasks import Task, align_logits, infer_task, unwrap_model
 from hf_distill.teacher import load_teacher
 from hf_distill.teacher_logits import TeacherLogits, streamable_head, streamed_head
+from hf_distill.teacher_prompt import TeacherPrompt
 from hf_distill.vocabulary import text_tokenizer
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
@@ -412,75 +414,6 @@ class DistillationTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
         if self.matcher is not None and self.matcher.projections is not None and os.path.isfile(path):
             self.matcher.projections.load_state_dict(safetensors.torch.load_file(path))
-
-
-class TeacherPrompt:
-    """Puts a hand-written prompt in front of every teacher input (prompt/context distillation).
-
-    The prompt goes after a leading special token ([CLS] / <bos>) when the tokenizer adds one. For causal LMs the
-    teacher's logits at the prompt positions are dropped again, so that teacher position i predicts the same next
-    token as student position i.
-    """
-
-    def __init__(self, text: str, tokenizer: Any) -> None:
-        self.ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        probe = tokenizer("x")["input_ids"]
-        self.insert_at = 1 if probe and probe[0] in set(tokenizer.all_special_ids) else 0
-        self.length = int(self.ids.numel())
-
-    def prepend(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        mask = inputs.get("attention_mask")
-        if mask is not None and bool((mask[:, 0] == 0).any()):
-            raise ValueError("teacher_prompt needs right-padded batches (the tokenizer's padding_side='right').")
-        k, batch = self.insert_at, inputs["input_ids"].shape[0]
-        fills = {"input_ids": self.ids.to(inputs["input_ids"].device), "attention_mask": 1, "token_type_ids": 0}
-        # The student's position ids do not fit the longer teacher input: run_model derives the teacher's from
-        # the prompted attention mask.
-        result = {key: value for key, value in inputs.items() if key != "position_ids"}
-        for key, fill in fills.items():
-            if key not in inputs:
-                continue
-            tensor = inputs[key]
-            middle = (
-                fill.expand(batch, -1)
-                if torch.is_tensor(fill)
-                else torch.full((batch, self.length), fill, dtype=tensor.dtype, device=tensor.device)
-            )
-            result[key] = torch.cat([tensor[:, :k], middle, tensor[:, k:]], dim=1)
-        return result
-
-    def drop_prompt_positions(self, logits: torch.Tensor) -> torch.Tensor:
-        """Teacher logits realigned to the student's positions (causal LM)."""
-        k, length = self.insert_at, self.length
-        if k == 0:
-            return logits[:, length:]
-        return torch.cat([logits[:, : k - 1], logits[:, k - 1 + length :]], dim=1)
-
-
-def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The newest checkpoint that was fully written (its trainer_state.json, written last, parses).
-
-    transformers' get_last_checkpoint returns the newest folder even when a crash (SIGKILL, power loss) interrupted
-    its writing; resuming from it then fails or restores a half-saved state.
-    """
-    import json
-    import re
-
-    if not os.path.isdir(folder):
-        return None
-    steps = sorted(
-        (int(m.group(1)), name)
-        for name in os.listdir(folder)
-        if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))
-    )
-    for _, name in reversed(steps):
-        try:
-            with open(os.path.join(folder, name, "trainer_state.json")) as f:
-                json.load(f)
-            return os.path.join(folder, name)
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 __all__ = ["DistillationTrainer", "last_complete_checkpoint"]

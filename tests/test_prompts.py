@@ -163,7 +163,7 @@ def test_prompt_distillation_moves_student_to_the_prompted_teacher(sst2_tiny, ou
 
 
 def test_teacher_prompt_insertion_and_causal_realignment():
-    from hf_distill.trainer import TeacherPrompt
+    from hf_distill.teacher_prompt import TeacherPrompt
 
     prompt = TeacherPrompt("be brief", minilm_tokenizer())
     ids = torch.tensor([[101, 7, 8, 102, 0]])

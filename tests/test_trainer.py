@@ -308,7 +308,7 @@ def test_teacher_loaded_from_path(trained_teacher, out_dir, tmp_path):
 
 
 def test_resume_skips_a_half_written_checkpoint(tmp_path):
-    from hf_distill.trainer import last_complete_checkpoint
+    from hf_distill.checkpoints import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, complete in ((2, True), (10, True), (12, False)):

@@ -120,7 +120,7 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
 
 
 def _resume_point(checkpoints: Path, name: str) -> str | None:
-    from hf_distill.trainer import last_complete_checkpoint
+    from hf_distill.checkpoints import last_complete_checkpoint
 
     last = last_complete_checkpoint(checkpoints)
     if last:

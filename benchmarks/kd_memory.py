@@ -32,9 +32,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIGS: dict[str, dict | None] = {
     "plain": None,
     "kd_unchunked": {"kd_chunk_size": 0},
-    "kd_chunked": {"kd_chunk_size": 256},
-    "kd_chunked_bf16_teacher": {"kd_chunk_size": 256, "teacher_dtype": "bfloat16"},
-    "kd_chunked_top50": {"kd_chunk_size": 256, "teacher_top_k": 50},
+    "kd_chunked": {"kd_chunk_size": 64},
+    "kd_chunked_256": {"kd_chunk_size": 256},
+    "kd_chunked_256_bf16_teacher": {"kd_chunk_size": 256, "teacher_dtype": "bfloat16"},
+    "kd_chunked_256_top50": {"kd_chunk_size": 256, "teacher_top_k": 50},
 }
 
 
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--kd_loss", default="forward_kl")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {list(CONFIGS)}")
     parser.add_argument("--output", default="runs/benchmarks/kd_memory")
+    parser.add_argument("--tag", default="", help="suffix of the results file (e.g. the hf_distill version measured)")
     args = parser.parse_args()
     output = Path(args.output)
     teacher_dir, student_dir = _prepare(output, args.student_layers)
@@ -149,7 +151,9 @@ def main() -> None:
             f"| {r['config']} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} | {r['step_seconds']:.1f} |"
         )
     output.mkdir(parents=True, exist_ok=True)
-    (output / f"results_{args.student_layers}_layers.json").write_text(json.dumps(results, indent=2))
+    (output / f"results_{args.student_layers}_layers_alpha{args.alpha}{args.tag}.json").write_text(
+        json.dumps(results, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def test_online_top_k_trains_and_is_checked(out_dir):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"kd_chunk_size": -1}, r"kd_chunk_size must be an integer >= 0 .* got -1\. Use e\.g\. 256, or 0"),
+        ({"kd_chunk_size": -1}, r"kd_chunk_size must be an integer >= 0 .* got -1\. Use e\.g\. 64, or 0"),
         ({"teacher_top_k": 0}, r"teacher_top_k must be an integer >= 1 .* got 0\. Use e\.g\. 50, or None"),
     ],
 )

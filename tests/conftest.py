@@ -138,3 +138,22 @@ def write_sst2_slice(folder, train: int = 64, dev: int = 32) -> None:
     for name, count in (("train.tsv", train), ("dev.tsv", dev)):
         lines = (find_sst2_dir() / name).read_text().splitlines()
         (Path(folder) / name).write_text("\n".join(lines[: count + 1]) + "\n")
+
+
+def distill_args(out_dir, **overrides):
+    """DistillationConfig of the one-step trainer tests: CPU, no saving, logging or progress bars, alpha 0.5, T 2."""
+    from hf_distill import DistillationConfig
+
+    base = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        max_steps=1,
+        alpha=0.5,
+        temperature=2.0,
+    )
+    return DistillationConfig(**(base | overrides))

@@ -5,27 +5,12 @@ import logging
 import datasets
 import pytest
 import torch
-from conftest import VOCAB, first_token_rule, lm_dataset, tiny_bert, tiny_llama
+from conftest import VOCAB, distill_args, first_token_rule, lm_dataset, tiny_bert, tiny_llama
 
-from hf_distill import DistillationConfig, DistillationTrainer, cache_teacher_logits
+from hf_distill import DistillationTrainer, cache_teacher_logits
 from hf_distill.cache import CACHE_NUM_CLASSES, CachedLogitsCollator, pad_batch, teacher_logits_from_cache
 
-
-def cfg(out_dir, **overrides):
-    base = dict(
-        output_dir=out_dir,
-        per_device_train_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        max_steps=1,
-        alpha=0.5,
-        temperature=2.0,
-    )
-    base.update(overrides)
-    return DistillationConfig(**base)
+cfg = distill_args
 
 
 def offline(out_dir, student, train, eval_dataset=None, **overrides):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import lm_dataset, tiny_llama
+from conftest import distill_args, lm_dataset, tiny_llama
 
-from hf_distill import DistillationConfig, DistillationTrainer, cache_teacher_logits
+from hf_distill import DistillationTrainer, cache_teacher_logits
 from hf_distill.cache import pad_batch
 from hf_distill.chunked_kd import chunked_distillation_loss
 from hf_distill.losses import KD_LOSSES, distillation_loss
@@ -96,20 +96,7 @@ def test_topk_summary_keeps_top_probabilities():
         topk_summary(logits, 12, 2.0)
 
 
-def cfg(out_dir, **overrides):
-    base = dict(
-        output_dir=out_dir,
-        per_device_train_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        max_steps=1,
-        alpha=0.5,
-        temperature=2.0,
-    )
-    return DistillationConfig(**(base | overrides))
+cfg = distill_args
 
 
 def _padded_lm_batch(n=5):

@@ -5,7 +5,7 @@ import logging
 import datasets
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import distill_args, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     DataCollatorForLanguageModeling,
@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from hf_distill import DistillationConfig, DistillationTrainer, cache_teacher_logits
+from hf_distill import DistillationTrainer, cache_teacher_logits
 from hf_distill.cache import pad_batch
 from hf_distill.losses import distillation_loss
 
@@ -62,20 +62,7 @@ def text_data(n=8, seed=0):
 
 
 def cfg(out_dir, **overrides):
-    base = dict(
-        output_dir=out_dir,
-        per_device_train_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        max_steps=2,
-        alpha=1.0,
-        temperature=2.0,
-        kd_chunk_size=5,
-    )
-    return DistillationConfig(**(base | overrides))
+    return distill_args(out_dir, **({"max_steps": 2, "alpha": 1.0, "kd_chunk_size": 5} | overrides))
 
 
 def test_padded_vocabulary_teacher_compares_the_tokenizer_tokens_and_says_so_once(out_dir, tmp_path, caplog):

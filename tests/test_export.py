@@ -27,7 +27,8 @@ def _session_logits(path, feed):
     return session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]
 
 
-def test_all_classification_variants_match_pytorch(tmp_path):
+def test_all_classification_variants_match_pytorch(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_DISTILL_ONNX_EXPORTER")  # the default exporter (dynamo): what users get
     model = tiny_bert(2, seed=3).eval()
     data = first_token_rule(40, 1)
     out = tmp_path / "onnx"
@@ -55,7 +56,7 @@ def test_all_classification_variants_match_pytorch(tmp_path):
     tolerance = {"fp32": 1e-4, "fp32_optimized": 1e-4, "fp16": 1e-2, "int8_dynamic": 0.2, "int8_static": 0.3}
     for row in report["variants"]:
         assert REPORT_FIELDS <= set(row), row
-        assert row["exporter"] in ("dynamo", "torchscript") and row["size_bytes"] == os.path.getsize(out / row["file"])
+        assert row["exporter"] == "dynamo" and row["size_bytes"] == os.path.getsize(out / row["file"])
         np.testing.assert_allclose(_session_logits(out / row["file"], feed), expected, atol=tolerance[row["variant"]])
     fp32 = next(r for r in report["variants"] if r["variant"] == "fp32")
     assert fp32["max_abs_diff"] < 1e-4 and fp32["metric_drop"] == pytest.approx(0.0)
@@ -65,6 +66,27 @@ def test_all_classification_variants_match_pytorch(tmp_path):
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
     assert (out / "config.json").is_file()
+
+
+def test_exporter_choice_fallback_and_bad_value(tmp_path, monkeypatch, caplog):
+    from hf_distill.export import graph
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("torch.export cannot trace this")
+
+    monkeypatch.setattr(graph, "_export_dynamo", broken)
+    model, data = tiny_bert(1, seed=4).eval(), first_token_rule(16, 2)
+    monkeypatch.setenv("HF_DISTILL_ONNX_EXPORTER", "auto")
+    report = export_onnx(model, tmp_path / "auto", variants=["fp32"], validation_data=data, max_metric_drop=100.0)
+    assert report["variants"][0]["exporter"] == "torchscript" and "falling back to the TorchScript" in caplog.text
+    assert report["variants"][0]["max_abs_diff"] < 1e-4
+    monkeypatch.setenv("HF_DISTILL_ONNX_EXPORTER", "dynamo")  # no fallback: the dynamo error itself
+    with pytest.raises(RuntimeError, match="cannot trace"):
+        export_onnx(model, tmp_path / "dyn", variants=["fp32"], validation_data=data)
+    assert not (tmp_path / "dyn").exists()
+    monkeypatch.setenv("HF_DISTILL_ONNX_EXPORTER", "onnxscript")
+    with pytest.raises(ValueError, match="HF_DISTILL_ONNX_EXPORTER='onnxscript' is not an exporter"):
+        export_onnx(tmp_path / "no-model-needed", tmp_path / "bad", validation_data=data)
 
 
 def test_gate_failure_is_an_error_and_writes_nothing(tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import datasets
 import numpy as np
@@ -85,24 +84,13 @@ def test_prefix_agreement():
     assert prefix_agreement([[5], [1, 2]], [[5], [1, 2]]) == 1.0
 
 
-@pytest.fixture(scope="module")
-def genai_python(tmp_path_factory):
-    """A device: onnxruntime-genai and numpy only, no torch, no transformers."""
-    venv = tmp_path_factory.mktemp("genai") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    subprocess.run([python, "-m", "pip", "install", "-q", "onnxruntime-genai", "numpy"], check=True)
-    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
-    return python
-
-
-def test_edge_runner_streams_the_greedy_answer_without_torch(llm, genai_python):
+def test_edge_runner_streams_the_greedy_answer_without_torch(llm, edge_python):
     from conftest import ROOT
 
     root, model, tokenizer, _, _ = llm
     runner = str(ROOT / "hf_distill" / "edge_genai.py")
     ran = subprocess.run(
-        [genai_python, runner, str(root / "onnx"), "hello", "--variant", "fp32", "--max-new-tokens", "12"],
+        [edge_python, runner, str(root / "onnx"), "hello", "--variant", "fp32", "--max-new-tokens", "12"],
         capture_output=True,
         text=True,
     )
@@ -113,7 +101,7 @@ def test_edge_runner_streams_the_greedy_answer_without_torch(llm, genai_python):
         out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
     assert ran.stdout.strip() == tokenizer.decode(out, skip_special_tokens=True).strip()
     chat = subprocess.run(
-        [genai_python, runner, str(root / "onnx"), "--chat", "--max-new-tokens", "4", "--do-sample"],
+        [edge_python, runner, str(root / "onnx"), "--chat", "--max-new-tokens", "4", "--do-sample"],
         input="hello\nthe capital of\n",
         capture_output=True,
         text=True,
@@ -121,7 +109,7 @@ def test_edge_runner_streams_the_greedy_answer_without_torch(llm, genai_python):
     assert chat.returncode == 0 and len(chat.stdout.strip().splitlines()) >= 1, chat.stderr
 
 
-def test_edge_runner_errors(llm, genai_python, tmp_path):
+def test_edge_runner_errors(llm, edge_python, tmp_path):
     from conftest import ROOT
 
     root = llm[0]
@@ -129,12 +117,12 @@ def test_edge_runner_errors(llm, genai_python, tmp_path):
     classifier = tmp_path / "cls"
     classifier.mkdir()
     (classifier / MANIFEST).write_text(json.dumps({"format": "hf_distill-onnx/1", "task": "sequence-classification"}))
-    wrong = subprocess.run([genai_python, runner, str(classifier), "--chat"], capture_output=True, text=True)
+    wrong = subprocess.run([edge_python, runner, str(classifier), "--chat"], capture_output=True, text=True)
     assert wrong.returncode != 0 and "without a KV cache" in wrong.stderr
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", str(root / "onnx"), str(broken)], check=True)
     (broken / "fp32" / "model.onnx").write_bytes(np.zeros(64, dtype=np.uint8).tobytes())
-    bad = subprocess.run([genai_python, runner, str(broken), "x", "--variant", "fp32"], capture_output=True, text=True)
+    bad = subprocess.run([edge_python, runner, str(broken), "x", "--variant", "fp32"], capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot load" in bad.stderr and "Traceback" not in bad.stderr
 
 

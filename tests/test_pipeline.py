@@ -10,7 +10,7 @@ from conftest import save_text_model, write_sst2_slice
 from hf_distill.cli import main
 from hf_distill.pipeline import Pipeline
 from hf_distill.pipeline.config import load_pipeline_config
-from hf_distill.pipeline.stages import STAGE_NAMES
+from hf_distill.pipeline.stage_keys import STAGE_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from hf_distill.pipeline import Pipeline
 from hf_distill.pipeline.config import load_pipeline_config
 from hf_distill.pipeline.hub import model_card
 from hf_distill.pipeline.report import collect
-from hf_distill.pipeline.stages import stage_infos
+from hf_distill.pipeline.stage_keys import stage_infos
 from hf_distill.teacher import finetune_teacher
 
 TOPICS = ["sports", "politics", "science"]

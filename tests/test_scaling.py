@@ -113,7 +113,7 @@ def test_multi_process_launch_without_use_cpu_is_refused(tiny_teacher, tmp_path)
     assert result.returncode != 0 and "pass use_cpu=True" in result.stderr
 
 
-def _pipeline_config(tiny_teacher, out, data_dir):
+def _pipeline_config(tiny_teacher, out, data_dir, save_steps=2):
     config = {
         "output_dir": str(out),
         "seed": 5,
@@ -121,8 +121,10 @@ def _pipeline_config(tiny_teacher, out, data_dir):
         "teacher": {"model": str(tiny_teacher), "finetune": False},
         "student": {"num_layers": 1},
         "distill": {
-            "max_steps": 300,
-            "save_steps": 2,
+            # A checkpoint every 2 steps so the kill below lands during a save as often as between saves; 100
+            # steps leave 80 after checkpoint-20 for the kill to arrive in.
+            "max_steps": 100,
+            "save_steps": save_steps,
             "save_total_limit": 3,
             "per_device_train_batch_size": 8,
             "logging_steps": 10,
@@ -140,7 +142,8 @@ def test_sigkill_mid_distillation_resumes_to_the_same_student(tiny_teacher, tmp_
     command = [sys.executable, "-m", "hf_distill.cli", "run", "--stages", "teacher,student,distill"]
     reference = tmp_path / "uninterrupted"
     subprocess.run(
-        [*command, str(_pipeline_config(tiny_teacher, reference, tmp_path))],
+        # Checkpoints do not change the weights (no RNG draws): the reference saves none, which halves its time.
+        [*command, str(_pipeline_config(tiny_teacher, reference, tmp_path, save_steps=1000))],
         env=_env(),
         check=True,
         capture_output=True,

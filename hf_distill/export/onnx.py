@@ -24,7 +24,7 @@ from hf_distill.atomic import atomic_folder
 from hf_distill.data import AUTO
 from hf_distill.export.batches import EvalBatches, make_batches
 from hf_distill.export.engine import ENGINES, GENAI, EngineChoice, choose_engine
-from hf_distill.export.graph import export_graph
+from hf_distill.export.graph import export_graph, exporter_choice
 from hf_distill.export.inputs import input_names_for, pad_id, tokenization_rule, write_tokenization_rule
 from hf_distill.export.plan import ExportPlan, eval_mode, load_for_export
 from hf_distill.export.validate import GateError, Reference, evaluate_torch, validate_variant, variant_table
@@ -191,6 +191,7 @@ def _check_arguments(output_dir: Path, overwrite: bool, prompt_mode: str, engine
         )
     if prompt_mode not in ("baked", "input"):
         raise ValueError(f"prompt_mode must be 'baked' or 'input', got {prompt_mode!r}.")
+    exporter_choice()  # a bad $HF_DISTILL_ONNX_EXPORTER fails here, before any model is loaded
 
 
 def _check_variants(variants: Sequence[str]) -> None:

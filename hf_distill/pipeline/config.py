@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 import types
 import typing
 from collections.abc import Callable
@@ -19,8 +18,12 @@ from typing import Any
 import yaml
 
 from hf_distill.config import DistillationConfig
+from hf_distill.depth import LAYER_SELECTIONS
 from hf_distill.export.engine import ENGINES
+from hf_distill.export.genai import GENAI_VARIANTS
 from hf_distill.export.variants import VARIANT_FILES
+from hf_distill.pipeline.causal_lm import check_causal_lm, data_file_exists, with_task_defaults
+from hf_distill.pipeline.yaml12 import load_yaml as _yaml
 from hf_distill.prompts import METHODS
 
 Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong, else None
@@ -81,6 +84,8 @@ class DataSection:
         None,
     )
     unlabelled_size: int | None = _key("Use at most this many unlabelled rows (null: all).", None, _positive)
+    prompt_column: str = _key("causal-lm: column of the user turn (or give a 'messages' column).", "prompt")
+    response_column: str = _key("causal-lm: column of the reference assistant turn.", "response")
 
 
 @dataclass
@@ -104,7 +109,15 @@ class StudentSection:
     intermediate_size: int | None = _key("MLP neurons kept (null: scaled with hidden_size).", None, _positive)
     num_attention_heads: int | None = _key("Attention heads kept (null: scaled with hidden_size).", None, _positive)
     calibration_size: int = _key(
-        "Training rows that rank channels, heads and neurons when pruning width.", 256, _positive
+        "Training rows that rank channels, heads and neurons when pruning width (causal-lm: the layers to keep).",
+        256,
+        _positive,
+    )
+    layer_selection: str | None = _key(
+        "How num_layers are chosen (create_student): null is 'importance' (measured on calibration rows) for "
+        "causal-lm and 'uniform' for classifiers.",
+        None,
+        _one_of(LAYER_SELECTIONS),
     )
     baseline: bool = _key("Also train the same student on labels alone, to report the KD gain.", False)
 
@@ -122,7 +135,9 @@ class RefineSection:
 class ExportSection:
     enabled: bool = _key("Export the student to ONNX behind the accuracy gate.", True)
     variants: list = _key(
-        "ONNX variants to build.", check=_subset_of(VARIANT_FILES), default_factory=lambda: ["fp32", "int8_dynamic"]
+        "ONNX variants to build (causal-lm: fp32, int8, int4).",
+        check=_subset_of({*VARIANT_FILES, *GENAI_VARIANTS}),
+        default_factory=lambda: ["fp32", "int8_dynamic"],
     )
     max_metric_drop: float = _key("Accuracy points a variant may lose before it fails.", 1.0, _non_negative)
     num_validation: int = _key("Validation rows the gate scores.", 872, _positive)
@@ -142,6 +157,14 @@ class BenchSection:
     runs: int = _key("Timed runs per row.", 50, _positive)
     warmup: int = _key("Untimed warm-up runs per row.", 10, _non_negative)
     include_teacher: bool = _key("Also time the PyTorch teacher.", True)
+    new_tokens: int = _key("causal-lm: tokens generated per decode timing (seq_lens are the TTFT prompts).", 128)
+
+
+@dataclass
+class EvaluateSection:
+    num_rows: int = _key("causal-lm: held-out rows whose greedy answers are scored (ROUGE-L).", 48, _positive)
+    max_new_tokens: int = _key("causal-lm: greedy tokens per answer.", 128, _positive)
+    batch_size: int = _key("causal-lm: prompts generated together.", 8, _positive)
 
 
 @dataclass
@@ -159,6 +182,7 @@ SECTIONS = {
     "export": ExportSection,
     "bench": BenchSection,
     "push": PushSection,
+    "evaluate": EvaluateSection,
 }
 TOP_LEVEL = {"output_dir": str, "seed": int, "task": str}
 
@@ -176,6 +200,7 @@ class PipelineConfig:
     export: ExportSection = field(default_factory=ExportSection)
     bench: BenchSection = field(default_factory=BenchSection)
     push: PushSection = field(default_factory=PushSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,32 +241,6 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
 
 def _names(types_: tuple) -> str:
     return " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in types_)
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 scalars: only true/false are booleans (``save_strategy: no`` stays the
-    string 'no', not False) and ``1e-4`` is a float, not the string '1e-4' as YAML 1.1 has it."""
-
-
-_REPLACED_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if tag not in _REPLACED_TAGS]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -320,7 +319,7 @@ def load_pipeline_config(
     Raises:
         ValueError: naming the key path and what was expected, before any stage runs.
     """
-    raw = _read(path, list(overrides or []), base)
+    raw = with_task_defaults(_read(path, list(overrides or []), base))
     unknown = sorted(set(raw) - set(TOP_LEVEL) - set(SECTIONS) - {"distill"})
     if unknown:
         raise ValueError(f"Unknown config key(s) {unknown}; known: {sorted([*TOP_LEVEL, *SECTIONS, 'distill'])}.")
@@ -336,23 +335,26 @@ def load_pipeline_config(
         distill=_check_distill(raw.get("distill") or {}),
         **{name: _section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()},
     )
-    if config.task != "sequence-classification":
-        raise ValueError(
-            f"hf-distill run handles task 'sequence-classification' so far, got {config.task!r}; the "
-            "library (DistillationTrainer) handles token classification and causal LM from Python."
-        )
     try:  # DistillationConfig's own checks (temperature, alpha, kd_loss, ...) before anything runs
         config.distillation_config(output_dir=str(Path(config.output_dir) / "distill"))
     except (ValueError, TypeError) as err:
         raise ValueError(f"Config section 'distill': {err}") from err
     for key in ("train", "validation", "unlabelled"):
         value = getattr(config.data, key)
-        if value is not None and value != "rest" and not Path(value).expanduser().exists():
+        if value is not None and value != "rest" and not data_file_exists(value, config.task):
             raise ValueError(f"Data file {value!r} does not exist (config data.{key}).")
+    if config.task == "causal-lm":
+        check_causal_lm(config)
+        return config
     if config.data.unlabelled == "rest" and config.data.train_size is None:
         raise ValueError(
             "data.unlabelled is 'rest' (the training rows train_size leaves out) but data.train_size is null, so no "
             "row is left out. Set data.train_size, or give data.unlabelled a file."
+        )
+    wrong = [v for v in config.export.variants if v not in VARIANT_FILES]
+    if config.export.enabled and wrong:
+        raise ValueError(
+            f"Config key 'export.variants': {wrong} are decoder-LM variants; choose from {list(VARIANT_FILES)}."
         )
     if config.export.enabled and config.export.engine == "genai":
         raise ValueError(

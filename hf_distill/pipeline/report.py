@@ -12,7 +12,7 @@ from hf_distill.pipeline.workspace import Workspace
 
 def collect(config: PipelineConfig, command: str, infos: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the report and the model card say, from the stages' records ``infos`` (stage name -> its ``.done``
-    content; :func:`hf_distill.pipeline.stages.stage_infos` leaves out stages finished under another config)."""
+    content; :func:`hf_distill.pipeline.stage_keys.stage_infos` leaves out stages finished under another config)."""
     teacher, student, distill = infos["teacher"], infos["student"], infos["distill"]
     export, bench, refine = infos["export"], infos["bench"], infos["refine"]
     result: dict[str, Any] = {

@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_distill.pipeline.chat_stages import CHAT_STAGES
+from hf_distill.pipeline.chat_stages import check_inputs as check_chat_inputs
 from hf_distill.pipeline.config import PipelineConfig
 from hf_distill.pipeline.context import RunContext
-from hf_distill.pipeline.stages import STAGE_NAMES, STAGES, stage_config
+from hf_distill.pipeline.stage_keys import STAGE_NAMES, Stage, stage_config
+from hf_distill.pipeline.stages import STAGES
 from hf_distill.pipeline.workspace import Workspace
 
 
@@ -31,9 +34,17 @@ class Pipeline:
         self.context = RunContext(config, self.workspace, command or "hf-distill " + " ".join(sys.argv[1:]))
         self.timings: dict[str, float] = {}
 
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stage table of the config's task (chat LMs: :data:`~hf_distill.pipeline.chat_stages.CHAT_STAGES`)."""
+        return CHAT_STAGES if self.config.task == "causal-lm" else STAGES
+
     def check_inputs(self) -> None:
         """Data columns, the label set and the teacher path, before any stage runs (files and values:
         load_pipeline_config)."""
+        if self.config.task == "causal-lm":
+            check_chat_inputs(self.context)
+            return
         d = self.config.data
         source = self.config.teacher.model
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -61,7 +72,7 @@ class Pipeline:
             raise ValueError(f"Unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}.")
         self.check_inputs()
         self.workspace.claim(self.config.to_dict())
-        selected = [s for s in STAGES if s.name in stages and s.enabled(self.config)]
+        selected = [s for s in self.stages if s.name in stages and s.enabled(self.config)]
         started = time.time()
         for index, stage in enumerate(selected, 1):
             head = f"[stage {index}/{len(selected)}] {stage.name}"

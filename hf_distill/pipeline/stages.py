@@ -1,14 +1,13 @@
-"""The stages of `hf-distill run`, in one ordered table; each reads earlier stages' folders and writes its own."""
+"""The stages of a classifier `hf-distill run`, in one ordered table; each reads earlier stages' folders and writes its
+own (chat LMs: :mod:`hf_distill.pipeline.chat_stages`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hf_distill.pipeline.config import PipelineConfig
 from hf_distill.pipeline.context import RunContext
+from hf_distill.pipeline.stage_keys import Stage, resume_point, stage_config, stage_infos
 from hf_distill.tasks import Task
 
 
@@ -106,7 +105,7 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics,
     )
-    last = _resume_point(checkpoints, name)
+    last = resume_point(checkpoints, name)
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(folder / "model"))
     return {
@@ -117,15 +116,6 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
         "log_history": trainer.state.log_history,
         "resumed_from": last,
     }
-
-
-def _resume_point(checkpoints: Path, name: str) -> str | None:
-    from hf_distill.checkpoints import last_complete_checkpoint
-
-    last = last_complete_checkpoint(checkpoints)
-    if last:
-        print(f"  resuming {name} from {last}")
-    return last
 
 
 def distill_stage(ctx: RunContext) -> dict[str, Any]:
@@ -176,7 +166,7 @@ def refine_stage(ctx: RunContext) -> dict[str, Any]:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
     )
-    last = _resume_point(checkpoints, "refine")
+    last = resume_point(checkpoints, "refine")
     trainer.train(resume_from_checkpoint=last)
     student.save_pretrained(str(ws.refine_adapter_dir))
     tokenizer.save_pretrained(str(ws.refine_adapter_dir))
@@ -249,48 +239,13 @@ def push_stage(ctx: RunContext) -> dict[str, Any]:
     return {"repo_id": ctx.config.push.repo_id, "url": url}
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable[[RunContext], dict[str, Any]]
-    # The config keys its result depends on (its own section and its inputs'), see stage_config.
-    uses: tuple[str, ...]
-    enabled: Callable[[PipelineConfig], bool] = lambda _config: True
-    always_runs: bool = False  # rebuilt on every run (the report reads every other stage)
-
-
-_TEACHER = ("seed", "task", "data", "teacher")
-_DISTILL = (*_TEACHER, "student", "distill")
-_EXPORT = (*_DISTILL, "refine", "export")
 STAGES: tuple[Stage, ...] = (
-    Stage("teacher", teacher_stage, _TEACHER),
-    Stage("student", student_stage, (*_TEACHER, "student")),
-    Stage("distill", distill_stage, _DISTILL),
-    Stage("refine", refine_stage, (*_DISTILL, "refine"), lambda c: c.refine.enabled),
-    Stage("export", export_stage, _EXPORT, lambda c: c.export.enabled),
-    Stage("bench", bench_stage, (*_EXPORT, "bench"), lambda c: c.bench.enabled and c.export.enabled),
-    Stage("report", report_stage, (*_EXPORT, "bench"), always_runs=True),
-    Stage("push", push_stage, (*_EXPORT, "bench", "push"), lambda c: c.push.enabled),
+    Stage("teacher", teacher_stage),
+    Stage("student", student_stage),
+    Stage("distill", distill_stage),
+    Stage("refine", refine_stage, lambda c: c.refine.enabled),
+    Stage("export", export_stage, lambda c: c.export.enabled),
+    Stage("bench", bench_stage, lambda c: c.bench.enabled and c.export.enabled),
+    Stage("report", report_stage, always_runs=True),
+    Stage("push", push_stage, lambda c: c.push.enabled),
 )
-STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-
-
-def stage_config(config: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The part of the run config that ``stage``'s result depends on, as JSON values: a finished stage or a
-    checkpoint recorded under another stage config is stale (``Workspace.done``, ``training_checkpoints``)."""
-    uses = next(s.uses for s in STAGES if s.name == stage)
-    values = config.to_dict()
-    return {key: values[key] for key in uses}
-
-
-def stage_infos(config: PipelineConfig, ws: Any) -> dict[str, dict[str, Any]]:
-    """Every stage's ``.done`` record, empty for stages not finished under the current config."""
-    return {name: ws.info(name, stage_config(config, name)) for name in STAGE_NAMES}
-
-
-# The stage subsets of the CLI's commands.
-COMMAND_STAGES = {
-    "run": STAGE_NAMES,
-    "distill": ("teacher", "student", "distill"),
-    "push": ("report", "push"),
-}

@@ -127,6 +127,14 @@ class DistillationConfig(TrainingArguments):
             "with a learned soft prompt), so the prompt's effect is distilled into the student."
         },
     )
+    teacher_prompt_as: str = field(
+        default="prefix",
+        metadata={
+            "help": "Where teacher_prompt goes: 'prefix' (its tokens before every input, after [CLS]/<bos>) or "
+            "'system' (chat models: the chat template's system message, replacing the opening the template adds "
+            "to the student's rows by itself)."
+        },
+    )
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for from_pretrained when the teacher is given as a path or Hub id."},
@@ -193,6 +201,8 @@ class DistillationConfig(TrainingArguments):
         self.layer_map = self._parse_layer_map(self.layer_map)
         if self.teacher_prompt is not None and not self.teacher_prompt.strip():
             raise ValueError("teacher_prompt is empty; pass the prompt text or leave it unset (None).")
+        if self.teacher_prompt_as not in ("prefix", "system"):
+            raise ValueError(f"teacher_prompt_as must be 'prefix' or 'system', got {self.teacher_prompt_as!r}.")
         self._check_generation()
 
     def _check_generation(self) -> None:

@@ -92,7 +92,11 @@ class DistillationTrainer(Trainer):
         validate_loss_setup(model, args, self.task, self.problem_type, train_dataset, kwargs.get("compute_loss_func"))
         # Prompt-learning PEFT students prepend virtual positions to their outputs; they never meet a teacher token.
         self.num_virtual_tokens = num_virtual_tokens(model)
-        self.teacher_prompt = TeacherPrompt(args.teacher_prompt, processing_class) if args.teacher_prompt else None
+        self.teacher_prompt = (
+            TeacherPrompt(args.teacher_prompt, processing_class, args.teacher_prompt_as)
+            if args.teacher_prompt
+            else None
+        )
         self.matcher = IntermediateMatcher(model, teacher, args, self.task) if teacher is not None else None
         if self.matcher is not None and self.matcher.projections is not None:
             # A submodule of the student so that DDP syncs it and the optimizer trains it; excluded from every save.

@@ -103,6 +103,14 @@ def test_chat_defaults_and_a_classifier_variant_list_for_an_llm(tmp_path):
         load_pipeline_config(None, base=classifier)
 
 
+def test_shipped_chat_job_config_is_valid():
+    from conftest import ROOT
+
+    config = load_pipeline_config(ROOT / "recipes" / "configs" / "smollm2_pipeline.yaml")
+    assert config.task == "causal-lm" and config.teacher.model == "smollm2" and config.student.num_layers == 10
+    assert config.export.variants == ["int4"] and config.distillation_config("x").alpha == 1.0
+
+
 def test_chat_run_with_missing_columns_fails_before_any_stage(tmp_path, capsys):
     tiny_chat_llama(tmp_path / "teacher", layers=2)
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "no chat here"}) + "\n")

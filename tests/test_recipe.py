@@ -267,3 +267,15 @@ def test_chat_recipe_cuts_by_importance_distils_and_evaluates(tmp_path):
     assert set(evaluation) == {"teacher", "cut_student", "student"}
     assert all(0 <= e["rouge_l"] <= 100 and e["teacher_perplexity"] > 1 for e in evaluation.values())
     assert json.loads((tmp_path / "run" / "results.json").read_text())["evaluation"]["student"]["num_rows"] == 2
+    with pytest.raises(ValueError, match="eval_models: unknown \\['cut'\\]"):
+        chat_distill.main(
+            [
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--eval_models",
+                "student,cut",
+                "--output_dir",
+                str(tmp_path / "y"),
+            ]
+        )
+    assert not (tmp_path / "y").exists()

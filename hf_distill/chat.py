@@ -95,7 +95,8 @@ def tokenize_chat(
     left without any assistant token are dropped. Both counts are returned and logged.
 
     Raises:
-        ValueError: missing columns, no chat template, ``max_length`` < 2.
+        ValueError: missing columns, no chat template, ``max_length`` < 2, no conversation left with an assistant
+            token.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 tokens, got {max_length}.")
@@ -123,5 +124,10 @@ def tokenize_chat(
             len(encoded),
             max_length,
             dropped,
+        )
+    if len(encoded) and not len(kept):
+        raise ValueError(
+            f"Every one of the {len(encoded)} conversations lost all its assistant tokens at max_length={max_length} "
+            "(the prompt alone fills it, or the responses are empty): raise max_length."
         )
     return ChatTokenization(kept.remove_columns("truncated"), truncated, dropped)

@@ -66,3 +66,8 @@ def test_chat_errors(tokenizer):
     plain.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         tokenize_chat(datasets.Dataset.from_dict({"prompt": ["x"], "response": ["y"]}), plain)
+    long = datasets.Dataset.from_dict({"prompt": ["a " * 40, "b " * 40], "response": ["x", "y"]})
+    with pytest.raises(
+        ValueError, match="Every one of the 2 conversations lost all its assistant tokens.*raise max_len"
+    ):
+        tokenize_chat(long, tokenizer, max_length=12)

@@ -209,9 +209,10 @@ def align_logits(
         mask = positions if positions is not None else everyone
         return AlignedLogits(student_logits, teacher_logits, labels, mask, labelled if labelled is not None else mask)
     if task is Task.CAUSAL_LM:
-        # Position i predicts token i + 1. The logits keep every position (a view) and the last one is masked out:
-        # slicing it off instead would copy the student's logits (805 MB at 8 x 512 x 49,152 fp32) and keep the copy
-        # next to the original for the backward pass. Labels shift left, -100 at the end.
+        # Position i predicts token i + 1. The logits keep every position (a view) and the last one is masked out,
+        # because slicing it off would copy the student's logits (805 MB at 8 x 512 x 49,152 fp32). Labels shift
+        # left, -100 at the end. (Measured: the step's peak at alpha < 1 is set by the hard loss's own copies, so
+        # this alone does not lower it; BENCHMARKS.md, "KD memory".)
         labels = None if labels is None else nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         positions, labelled = (nn.functional.pad(m, (0, 1), value=False) for m in (positions, labelled))
     num_classes = student_logits.shape[-1]

@@ -72,7 +72,9 @@ def _add_export(exp: argparse.ArgumentParser) -> None:
         help=f"Comma-separated. torch.onnx: from {','.join(VARIANT_FILES)} (default fp32,fp32_optimized,"
         f"int8_dynamic); onnxruntime-genai: from {','.join(GENAI_VARIANTS)} (default int4).",
     )
-    exp.add_argument("--text-column", default="sentence")
+    exp.add_argument(
+        "--text-column", default=None, help="Text column of --data (default: sentence; text for causal LMs)."
+    )
     exp.add_argument(
         "--text-pair-column",
         default="auto",

@@ -78,6 +78,9 @@ def test_cli_export_then_bench(student_dir, capsys):
     for row in result["rows"]:
         assert BENCH_FIELDS <= set(row)
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["peak_rss_mb"] > 10
+    onnx_rss = max(r["peak_rss_mb"] for r in result["rows"] if r["engine"] != "pytorch")
+    torch_rss = min(r["peak_rss_mb"] for r in result["rows"] if r["engine"] == "pytorch")
+    assert onnx_rss < 0.5 * torch_rss, (onnx_rss, torch_rss)  # an onnxruntime process loads no torch
     assert result["machine"]["onnxruntime"] and "cpu_flags" in result["machine"]
     assert "| engine |" in (student_dir / "bench" / "bench.md").read_text()
     assert (student_dir / "bench" / "bench.png").read_bytes()[:4] == b"\x89PNG"

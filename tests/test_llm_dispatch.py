@@ -212,9 +212,23 @@ def test_peak_rss_is_the_engine_process_own():
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from hf_distill.export.bench import peak_rss_mb
+    from hf_distill.engine_timing import peak_rss_mb
 
     ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB in the parent
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         child = pool.submit(peak_rss_mb).result()
     assert 0 < child < peak_rss_mb() - 1000 and ballast[-1] == 1.0
+
+
+def test_onnx_engine_processes_do_not_carry_torch(qwen, tmp_path):
+    """A spawned onnxruntime(-genai) engine imports neither torch nor transformers, so its peak RSS is the runtime's
+    and the model's (with them it was 500 MB for a 0.2 MB model)."""
+    from hf_distill.export.bench_llm import benchmark_llm
+
+    code = "import sys, hf_distill.engine_timing; print('torch' in sys.modules or 'transformers' in sys.modules)"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert probe.stdout.strip() == "False", probe.stderr
+    rows = benchmark_llm(qwen[0] / "onnx", prompt_lens=[8], batch_sizes=[1], new_tokens=3, runs=1, output_dir=tmp_path)[
+        "rows"
+    ]
+    assert rows[0]["engine"] == "onnxruntime-genai" and 0 < rows[0]["peak_rss_mb"] < 250, rows

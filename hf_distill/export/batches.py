@@ -104,6 +104,22 @@ def _labels(
     return values.astype(np.float32 if regression else np.int64)
 
 
+def _chat_as_text(data: Any, tokenizer: Any, text_column: str) -> Any:
+    """Chat rows (``messages``, or ``prompt`` + ``response``) of a causal LM without ``text_column``, rendered as
+    that column through the tokenizer's chat template: the same rows the KV-cache export path reads."""
+    columns = getattr(data, "column_names", None) or []
+    chat = "messages" in columns or {"prompt", "response"} <= set(columns)
+    if text_column in columns or not chat or not getattr(tokenizer, "chat_template", None):
+        return data
+    from hf_distill.chat import conversation
+
+    def render(row: dict[str, Any]) -> dict[str, str]:
+        messages = conversation(row, prompt_column="prompt", response_column="response", system_prompt=None)
+        return {text_column: tokenizer.apply_chat_template(messages, tokenize=False)}
+
+    return data.map(render, desc="Rendering chat rows")
+
+
 def make_batches(
     data: Any,
     tokenizer: Any,
@@ -123,6 +139,8 @@ def make_batches(
         ValueError: missing columns or tokenizer, empty data, or regression targets that are all equal (R² is
             undefined then).
     """
+    if task is Task.CAUSAL_LM:
+        data = _chat_as_text(data, tokenizer, text_column)
     where = _columns(data, tokenizer, task, text_column, text_pair_column, label_column)
     rows = data.select(range(min(limit, len(data))))
     pad, names = pad_id(tokenizer, model.config), input_names_for(model)

@@ -10,15 +10,12 @@ import logging
 import multiprocessing
 import os
 import platform
-import resource
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from hf_distill.engine_timing import measure_classifier_engine
 from hf_distill.export.inputs import usable_positions
 
 logger = logging.getLogger(__name__)
@@ -51,105 +48,10 @@ def machine_info(threads: int | None) -> dict[str, Any]:
     }
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: ``VmHWM`` of ``/proc/self/status``, its own memory map's mark.
-
-    Not getrusage's ``ru_maxrss`` on Linux: a spawned engine process starts as a fork of the benchmark and Linux
-    carries the high-water mark across exec, so every engine would report at least the parent's peak (a 30 MB child
-    of a 410 MB parent reports 410 MB).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: macOS reports bytes, others KiB
-    return peak / (1024.0 * 1024.0 if platform.system() == "Darwin" else 1024.0)
-
-
-def _latencies(run: Any, warmup: int, runs: int) -> np.ndarray:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return np.array(times) * 1000.0
-
-
-def _feed(batch: int, seq: int, vocab: int, names: Sequence[str]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(min(1000, vocab - 1), vocab, size=(batch, seq), dtype=np.int64)
-    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    return {n: full[n] for n in names}
-
-
-def _measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs in a fresh process: load one engine, time it over the grid, report its peak RSS."""
-    rows = []
-    if spec["engine"] == "pytorch":
-        import torch
-
-        from hf_distill.export.inputs import input_names_for
-        from hf_distill.export.plan import load_for_inference
-
-        if spec["threads"]:
-            torch.set_num_threads(spec["threads"])
-        model = load_for_inference(spec["path"])
-        names = input_names_for(model)
-
-        def runner(feed: dict[str, np.ndarray]) -> Any:
-            tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
-            return lambda: model(**tensors)
-
-        context: Any = torch.inference_mode()
-        vocab = model.config.vocab_size
-    else:
-        import contextlib
-
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if spec["threads"]:
-            options.intra_op_num_threads = spec["threads"]
-        try:
-            session = ort.InferenceSession(spec["path"], options, providers=[spec["provider"]])
-        except Exception as err:  # onnxruntime's own exception types do not cross the process boundary cleanly
-            raise ValueError(f"Cannot load {spec['path']} in onnxruntime ({type(err).__name__}): {err}") from None
-        shapes = {i.name: i.shape for i in session.get_inputs()}
-        names = [n for n in shapes if n != "prompt_embeds"]
-        # A prompt-as-input export: latency does not depend on the prompt's values.
-        prompt = np.zeros(shapes["prompt_embeds"], dtype=np.float32) if "prompt_embeds" in shapes else None
-
-        def runner(feed: dict[str, np.ndarray]) -> Any:
-            feed = {**feed, "prompt_embeds": prompt} if prompt is not None else feed
-            return lambda: session.run(None, feed)
-
-        context, vocab = contextlib.nullcontext(), spec["vocab"]
-    with context:
-        for batch in spec["batch_sizes"]:
-            for seq in spec["seq_lens"]:
-                times = _latencies(runner(_feed(batch, seq, vocab, names)), spec["warmup"], spec["runs"])
-                rows.append(
-                    {
-                        "batch": batch,
-                        "seq_len": seq,
-                        "p50_ms": float(np.percentile(times, 50)),
-                        "p90_ms": float(np.percentile(times, 90)),
-                        "p99_ms": float(np.percentile(times, 99)),
-                        "throughput_per_s": float(batch * 1000.0 / times.mean()),
-                    }
-                )
-    peak_mb = peak_rss_mb()
-    return [{**row, "peak_rss_mb": peak_mb} for row in rows]
-
-
 def measure_in_fresh_process(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Run :func:`_measure` in a newly spawned interpreter (clean peak RSS, no shared thread pools)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_measure, spec).result()
+        return pool.submit(measure_classifier_engine, spec).result()
 
 
 def _size_mb(path: str | Path) -> float:

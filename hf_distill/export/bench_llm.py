@@ -13,92 +13,20 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from hf_distill.engine_timing import measure_llm_engine
 from hf_distill.export.genai import folder_size
-
-
-def _prompt(batch: int, length: int, vocab: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return rng.integers(min(100, vocab - 1), vocab, size=(batch, length), dtype=np.int64)
-
-
-class _Genai:
-    def __init__(self, folder: str) -> None:
-        import onnxruntime_genai as og
-
-        self.og, self.model = og, og.Model(folder)
-
-    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
-        """(seconds to the first token, seconds for the remaining ``new_tokens - 1``)."""
-        params = self.og.GeneratorParams(self.model)
-        total = ids.shape[1] + new_tokens
-        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=ids.shape[0])
-        start = time.perf_counter()
-        generator = self.og.Generator(self.model, params)
-        generator.append_tokens(ids.astype(np.int32))
-        generator.generate_next_token()
-        first = time.perf_counter()
-        while not generator.is_done():
-            generator.generate_next_token()
-        return first - start, time.perf_counter() - first
-
-
-class _Torch:
-    def __init__(self, folder: str) -> None:
-        import torch
-
-        from hf_distill.loading import load_model
-        from hf_distill.tasks import Task
-
-        self.torch = torch
-        self.model = load_model(folder, Task.CAUSAL_LM, with_tokenizer=False)[0].float().eval()
-
-    def run(self, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
-        tensor = self.torch.from_numpy(ids)
-        mask = self.torch.ones_like(tensor)
-        kwargs = {"do_sample": False, "top_k": None, "top_p": None, "pad_token_id": 0, "attention_mask": mask}
-        with self.torch.inference_mode():
-            start = time.perf_counter()
-            self.model.generate(tensor, max_new_tokens=1, min_new_tokens=1, **kwargs)
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            self.model.generate(tensor, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            whole = time.perf_counter() - start
-        return first, max(whole - first, 1e-9)
-
-
-def _measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a fresh process: load one engine, time TTFT and decode, report its peak RSS."""
-    if spec["threads"]:
-        os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
-    engine = _Genai(spec["path"]) if spec["engine"] == "onnxruntime-genai" else _Torch(spec["path"])
-    vocab, runs = spec["vocab"], spec["runs"]
-    engine.run(_prompt(1, 16, vocab), 4)  # warm-up
-    ttft = {
-        str(n): float(np.median([engine.run(_prompt(1, n, vocab), 1)[0] for _ in range(runs)])) * 1000
-        for n in spec["prompt_lens"]
-    }
-    decode = {}
-    for batch in spec["batch_sizes"]:
-        seconds = np.median([engine.run(_prompt(batch, 16, vocab), spec["new_tokens"])[1] for _ in range(runs)])
-        decode[str(batch)] = float(batch * (spec["new_tokens"] - 1) / seconds)
-    from hf_distill.export.bench import peak_rss_mb
-
-    return {"ttft_ms": ttft, "decode_tokens_per_s": decode, "peak_rss_mb": peak_rss_mb()}
 
 
 def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
     """Raises: ValueError: the engine could not load or run the model (one line: which folder, what failed)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_measure, spec).result()
+            return pool.submit(measure_llm_engine, spec).result()
         except Exception as err:  # onnxruntime-genai and torch raise their own types; the run is what failed
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             raise ValueError(f"Cannot run {spec['engine']} on {spec['path']} ({reason}).") from err

@@ -73,7 +73,7 @@ def make_probe(
         else:
             raise ValueError(
                 f"Validation rows have columns {columns}: need 'messages', 'prompt'/'response', "
-                f"'{text_column}' (set text_column=) or 'input_ids'."
+                f"'{text_column}' (set text_column= / --text-column) or 'input_ids'."
             )
         # A prompt ending in EOS makes the generator report the previous position's logits: never end on it.
         while prompt and eos is not None and prompt[-1] == eos:

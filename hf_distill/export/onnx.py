@@ -29,7 +29,7 @@ from hf_distill.export.inputs import input_names_for, pad_id, tokenization_rule,
 from hf_distill.export.plan import ExportPlan, eval_mode, load_for_export
 from hf_distill.export.validate import GateError, Reference, evaluate_torch, validate_variant, variant_table
 from hf_distill.export.variants import INT8_LADDER, VARIANT_FILES, build_variant
-from hf_distill.tasks import Task
+from hf_distill.tasks import Task, infer_task
 
 logger = logging.getLogger(__name__)
 MANIFEST = "hf_distill_manifest.json"
@@ -45,7 +45,7 @@ def export_onnx(
     validation_data: Any = None,
     calibration_data: Any = None,
     tokenizer: Any = None,
-    text_column: str = "sentence",
+    text_column: str | None = None,
     label_column: str = "label",
     text_pair_column: str | None = AUTO,
     num_validation: int = 256,
@@ -75,8 +75,10 @@ def export_onnx(
     requires onnxruntime-genai.
 
     torch.onnx path: ``validation_data`` (and ``calibration_data`` for ``int8_static``; default: the validation data)
-    is a ``datasets.Dataset`` with raw text (``text_column``, ``label_column``; sentence pairs: ``text_pair_column``,
-    "auto" finds GLUE's pair names, see :func:`hf_distill.data.text_columns`) or tokenized ``input_ids`` (+
+    is a ``datasets.Dataset`` with raw text (``text_column``, default ``"sentence"``, ``"text"`` for causal LMs, whose
+    chat rows — ``messages`` or ``prompt``/``response`` — are also read through the chat template; ``label_column``;
+    sentence pairs: ``text_pair_column``, "auto" finds GLUE's pair names, see :func:`hf_distill.data.text_columns`)
+    or tokenized ``input_ids`` (+
     ``token_type_ids``, ``labels``). Each variant (default ``fp32``, ``fp32_optimized``, ``int8_dynamic``) is compared
     with the trained model's task metric in PyTorch: a drop above ``max_metric_drop`` (default 1) points (accuracy,
     regression R²) or percent (perplexity), or any NaN/inf output, fails it; ``int8_dynamic`` climbs a fallback
@@ -95,6 +97,8 @@ def export_onnx(
     _check_arguments(output_dir, overwrite, prompt_mode, engine)
     loaded, folder_tokenizer = load_for_export(model_or_dir)
     choice = choose_engine(loaded, engine)
+    if text_column is None:  # the datasets' usual names: GLUE's "sentence", a language-model corpus's "text"
+        text_column = "text" if infer_task(loaded) is Task.CAUSAL_LM else "sentence"
     if choice.engine == GENAI:
         # A folder is loaded again by export_llm (its own copy to merge into), so this one is freed.
         source = model_or_dir if isinstance(model_or_dir, (str, os.PathLike)) else loaded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our progress at INFO; the exporters' and optimizers' chatter only when it is a warning.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hf_distill").setLevel(logging.INFO)
+    previous = _terminate_as_interrupt()
     try:
         if args.command in ("run", "distill", "push"):
             _pipeline(args, argv)
@@ -245,7 +247,26 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err) if isinstance(err, ValueError) else " ".join(f"{type(err).__name__}: {err}".split())
         print(f"hf-distill {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or `kill`: the atomic writers have removed their staging folders by now
+        print(f"hf-distill {args.command}: interrupted; no half-written output was left.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (`kill PID`, a scheduler's stop) raised as KeyboardInterrupt, as Ctrl-C is: Python's default would
+    end the process at once, skipping the clean-up of staging folders and leaving child processes (onnxruntime-genai's
+    builder) running. Returns the previous handler."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        return signal.getsignal(signal.SIGTERM)
 
 
 def _pipeline(args: argparse.Namespace, argv: list[str] | None) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -150,3 +151,33 @@ def test_benchmark_llm_rows_for_pytorch_and_every_variant(llm, tmp_path):
     assert {"bench.json", "bench.md", "bench.png"} <= {p.name for p in tmp_path.iterdir()}
     with pytest.raises(ValueError, match="not a decoder-LM export"):
         benchmark_llm(tmp_path)
+
+
+def test_sigterm_mid_export_cleans_up_like_ctrl_c(llm, tmp_path):
+    """`kill PID` during the builder run: the child builder is stopped, the staging folder removed, one line said."""
+    import os
+    import signal
+    import time
+
+    from conftest import ROOT
+
+    root, _, _, _, _ = llm
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "the capital of france is paris"}) + "\n")
+    command = [sys.executable, "-m", "hf_distill.cli", "export", str(root / "model"), str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [*command, "--data", str(tmp_path / "rows.jsonl"), "--variants", "fp32"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out*/.hf_source")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the export ended before it could be stopped"
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    builders = subprocess.run(["pgrep", "-f", f"models.builder.*{tmp_path}"], capture_output=True, text=True)
+    assert builders.stdout.strip() == "", builders.stdout

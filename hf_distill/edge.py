@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     llm_only = [flag for flag, name, default in _LLM_OPTIONS if getattr(args, name) != default]
     if llm_only:
         raise _fail(
-            f"{', '.join(llm_only)} need a decoder-LM export with a KV cache (onnxruntime-genai); {folder} is not "
-            "one. Re-export a causal LM with `hf-distill export` (--engine auto); a classifier takes texts."
+            f"{', '.join(llm_only)} {'needs' if len(llm_only) == 1 else 'need'} a decoder-LM export with a KV cache "
+            f"(onnxruntime-genai); {folder} is not one. A classifier takes texts; a causal LM the builder supports "
+            "gets a KV cache from `hf-distill export` (--engine auto); others (GPT-2, ...) run here with --generate."
         )
     model = EdgeModel(args.model_dir, args.variant, args.threads, args.prompt)
     if args.generate is not None:

@@ -77,6 +77,8 @@ class EdgeLM:
                 config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
             self.model = og.Model(config)
             self.tokenizer = og.Tokenizer(self.model)
+            genai_config = json.loads((model_dir / GENAI_CONFIG).read_text())
+            self.context_length = int(genai_config["model"]["context_length"])
         except Exception as err:  # onnxruntime-genai raises its own error types for a damaged folder
             raise SystemExit(
                 f"error: cannot load {model_dir} ({_one_line(err)}); the files are missing or corrupted. "
@@ -86,7 +88,8 @@ class EdgeLM:
     def _variant_folder(self, variant: str | None) -> Path:
         """The onnxruntime-genai folder to load; a clear one-line error for anything else."""
         if not self.folder.is_dir():
-            raise SystemExit(f"error: {self.folder} does not exist; pass a folder written by `hf-distill export`.")
+            what = "is a file, not a folder" if self.folder.exists() else "does not exist"
+            raise SystemExit(f"error: {self.folder} {what}; pass a folder written by `hf-distill export`.")
         manifest = _manifest(self.folder)
         if manifest is None:
             if (self.folder / GENAI_CONFIG).is_file():  # one variant folder copied on its own
@@ -122,10 +125,21 @@ class EdgeLM:
         top_p: float = 1.0,
         top_k: int = 50,
     ) -> Iterator[str]:
-        """Yield the answer's text piece by piece as tokens are generated (greedy unless ``do_sample``)."""
+        """Yield the answer's text piece by piece as tokens are generated (greedy unless ``do_sample``); the answer
+        stops at the model's context length (``max_length`` of onnxruntime-genai).
+
+        Raises:
+            SystemExit: the prompt alone fills the context (one line; :func:`fit_history` trims a chat).
+        """
         ids = self.prompt_tokens(messages)
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise SystemExit(
+                f"error: the prompt is {len(ids)} tokens; this model's context holds {self.context_length}. "
+                "Shorten it (or the --system prompt)."
+            )
         params = self.og.GeneratorParams(self.model)
-        options = {"max_length": int(len(ids) + max_new_tokens), "do_sample": do_sample}
+        options = {"max_length": int(len(ids) + min(max_new_tokens, room)), "do_sample": do_sample}
         if do_sample:
             options.update(temperature=temperature, top_p=top_p, top_k=top_k)
         params.set_search_options(**options)
@@ -135,6 +149,37 @@ class EdgeLM:
         while not generator.is_done():
             generator.generate_next_token()
             yield decoder.decode(int(generator.get_next_tokens()[0]))
+
+
+def fit_history(model: EdgeLM, history: list[dict[str, str]], reserve: int) -> list[dict[str, str]]:
+    """``history`` without its oldest user/assistant turns (a system message stays) until the prompt leaves
+    ``reserve`` tokens of the context for the answer, or only the last user message is left."""
+    system = history[:1] if history and history[0]["role"] == "system" else []
+    turns = history[len(system) :]
+    while len(turns) > 1 and len(model.prompt_tokens([*system, *turns])) + reserve > model.context_length:
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+    return [*system, *turns]
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every option's range, in one line, before the model loads."""
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append("--max-new-tokens must be >= 1")
+    if args.do_sample and args.temperature <= 0:
+        problems.append("--temperature must be > 0 when sampling")
+    if not 0 < args.top_p <= 1:
+        problems.append("--top-p must be in (0, 1]")
+    if args.top_k < 0:
+        problems.append("--top-k must be >= 0 (0: no top-k filter)")
+    if args.threads is not None and args.threads < 1:
+        problems.append("--threads must be >= 1")
+    if args.prompt is None and not args.chat:
+        problems.append("give a prompt, or --chat for an interactive session")
+    if args.prompt is not None and args.chat:
+        problems.append("give a prompt or --chat, not both (--chat reads its messages from stdin)")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems) + ".")
 
 
 def _answer(model: EdgeLM, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
@@ -169,10 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
     args = parser.parse_intermixed_args(argv)
     args.prompt = args.prompt if args.generate is None else args.generate
-    if args.max_new_tokens < 1 or (args.do_sample and args.temperature <= 0):
-        raise SystemExit("error: --max-new-tokens must be >= 1 and --temperature > 0 when sampling.")
-    if args.prompt is None and not args.chat:
-        raise SystemExit("error: give a prompt, or --chat for an interactive session.")
+    _check(args)
     model = EdgeLM(args.model_dir, args.variant, args.threads)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if not args.chat:
@@ -182,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         if line.strip() in ("", "/exit"):
             break
         history.append({"role": "user", "content": line.strip()})
+        # A long session forgets its oldest turns rather than outgrowing the model's context.
+        history = fit_history(model, history, reserve=min(args.max_new_tokens, model.context_length // 2))
         history.append({"role": "assistant", "content": _answer(model, history, args)})
 
 

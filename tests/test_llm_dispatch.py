@@ -196,7 +196,7 @@ def test_edge_errors_are_one_line(qwen, tmp_path):
     subprocess.run(["cp", "-r", str(root / "onnx"), str(broken)], check=True)
     (broken / "fp32" / "model.onnx").write_bytes(np.zeros(64, dtype=np.uint8).tobytes())
     cases = [
-        ((classifier, "--chat"), "--chat need a decoder-LM export with a KV cache"),
+        ((classifier, "--chat"), "--chat needs a decoder-LM export with a KV cache"),
         ((tmp_path / "nowhere", "--chat"), "does not exist"),
         ((broken, "hi"), "cannot load"),
         ((root / "onnx", "--pair", "a", "b"), "--pair and --prompt are for classifiers"),

@@ -125,6 +125,33 @@ def test_edge_runner_errors(llm, edge_python, tmp_path):
     (broken / "fp32" / "model.onnx").write_bytes(np.zeros(64, dtype=np.uint8).tobytes())
     bad = subprocess.run([edge_python, runner, str(broken), "x", "--variant", "fp32"], capture_output=True, text=True)
     assert bad.returncode != 0 and "cannot load" in bad.stderr and "Traceback" not in bad.stderr
+    onnx = str(root / "onnx")
+    for args, message in (
+        (["x", "--do-sample", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["x", "--top-k", "-3"], "--top-k must be >= 0"),
+        (["x", "--threads", "-2"], "--threads must be >= 1"),
+        (["x", "--chat"], "give a prompt or --chat, not both"),
+        (["x " * 400], "this model's context holds 256"),
+    ):
+        ran = subprocess.run([edge_python, runner, onnx, *args], capture_output=True, text=True)
+        err = ran.stderr.strip()
+        assert ran.returncode != 0 and message in err and len(err.splitlines()) == 1, (args, err)
+    # More new tokens than the context has room for: the answer stops at the context, no traceback.
+    long = subprocess.run(
+        [edge_python, runner, onnx, "hello", "--variant", "fp32", "--max-new-tokens", "1000"],
+        capture_output=True,
+        text=True,
+    )
+    assert long.returncode == 0 and long.stdout.strip(), long.stderr[-500:]
+    # A chat longer than the context forgets its oldest turns instead of failing.
+    turns = "".join("the capital of france is paris and the capital of italy is rome\n" for _ in range(6))
+    chat = subprocess.run(
+        [edge_python, runner, onnx, "--chat", "--variant", "fp32", "--max-new-tokens", "40"],
+        input=turns,
+        capture_output=True,
+        text=True,
+    )
+    assert chat.returncode == 0 and len(chat.stdout.strip().splitlines()) >= 6, chat.stderr[-800:]
 
 
 def test_benchmark_llm_rows_for_pytorch_and_every_variant(llm, tmp_path):

@@ -61,7 +61,8 @@ def test_failing_gate_climbs_the_ladder_then_writes_nothing(llm, tmp_path, monke
         export_llm(root / "model", tmp_path / "out", variants=["int4"], validation_data=data, max_ppl_increase=-1.0)
     attempts = caught.value.report["variants"][0]["attempts"]
     assert len(attempts) == 2 and not any(a["passed"] for a in attempts)
-    assert "perplexity" in caught.value.report["variants"][0]["reason"]
+    reason = caught.value.report["variants"][0]["reason"]
+    assert reason.startswith("all 2 rungs failed") and reason.count("perplexity") == 2  # every rung's reason
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -208,3 +209,22 @@ def test_sigterm_mid_export_cleans_up_like_ctrl_c(llm, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     builders = subprocess.run(["pgrep", "-f", f"models.builder.*{tmp_path}"], capture_output=True, text=True)
     assert builders.stdout.strip() == "", builders.stdout
+
+
+def test_reports_are_strict_json_folders_are_not_private_and_bad_int4_options_fail_first(llm, tmp_path):
+    import os
+    import stat
+
+    root, model, tokenizer, data, _ = llm
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    json.loads((root / "onnx" / "export_report.json").read_text(), parse_constant=refuse)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((root / "onnx").stat().st_mode) == 0o777 & ~umask  # as mkdir would make it, not 0700
+    for options in ({"block_size": -1}, {"block_size": 48}, {"accuracy_level": 9}):
+        with pytest.raises(ValueError, match="block_size \\(--block-size\\) must be one of"):
+            export_llm(model, tmp_path / "x", validation_data=data, tokenizer=tokenizer, **options)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))

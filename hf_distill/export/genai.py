@@ -31,6 +31,21 @@ from typing import Any
 import numpy as np
 
 GENAI_VARIANTS = ("fp32", "int8", "int4")
+# onnxruntime's MatMulNBits: block sizes the builder accepts, and its accuracy levels (0: default, 1: fp32, 2: fp16,
+# 3: bf16, 4: int8 activations).
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def check_quantization_options(block_size: int, accuracy_level: int) -> None:
+    """Raises: ValueError: a block size or accuracy level the builder would silently replace."""
+    if block_size not in BLOCK_SIZES or accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(
+            f"block_size (--block-size) must be one of {BLOCK_SIZES} and accuracy_level (--accuracy-level) one of "
+            f"{ACCURACY_LEVELS} (onnxruntime's MatMulNBits); got {block_size} and {accuracy_level}."
+        )
+
+
 GENAI_CONFIG = "genai_config.json"
 # Tried in order for int4 until one passes the gate: round-to-nearest, then smaller blocks, fp32 activations,
 # k-quant (llama.cpp's error-minimising scales), then int8 for the most sensitive matrices (lm_head, mixed layers).
@@ -162,4 +177,16 @@ def folder_size(folder: Path) -> int:
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2))
+    """``value`` as strict JSON: NaN and infinities (a rung that could not be measured) are written as null, which
+    every JSON reader accepts (``NaN`` is Python's extension)."""
+    path.write_text(json.dumps(_finite(value), indent=2, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

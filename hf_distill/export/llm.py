@@ -29,6 +29,7 @@ from hf_distill.loading import load_model
 from hf_distill.tasks import Task
 
 logger = logging.getLogger(__name__)
+UNUSABLE_PERPLEXITY = 1000.0
 MANIFEST = "hf_distill_manifest.json"
 REPORT = "export_report.json"
 
@@ -134,6 +135,7 @@ def export_llm(
         raise ValueError(
             f"Unknown decoder-LM variants {unknown or variants}; choose from {list(genai.GENAI_VARIANTS)}."
         )
+    genai.check_quantization_options(block_size, accuracy_level)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(
@@ -148,7 +150,19 @@ def export_llm(
         num_prompts=num_prompts,
         max_length=max_length,
     )
+    logger.info(
+        "PyTorch fp32 reference: perplexity of %d sequences, %d greedy tokens after %d prompts (then each variant)",
+        len(probe.sequences),
+        num_greedy_tokens,
+        len(probe.prompts),
+    )
     ref = reference(copy.deepcopy(model), probe, num_greedy_tokens)
+    if ref["perplexity"] > UNUSABLE_PERPLEXITY:
+        logger.warning(
+            "The model's own (PyTorch fp32) perplexity on this data is %.0f: it barely models it (an untrained cut?). "
+            "The gate compares each variant with it anyway; quantization differences on such a model mean little.",
+            ref["perplexity"],
+        )
     with atomic_folder(output_dir) as staging:
         source = staging / ".hf_source"
         model.save_pretrained(source, safe_serialization=True)
@@ -209,6 +223,10 @@ def _variant(
         )
         if row["passed"]:
             break
+    if not row["passed"] and len(attempts) > 1:  # every rung failed: say why each did, not only the last
+        row["reason"] = f"all {len(attempts)} rungs failed: " + "; ".join(
+            f"{a['settings'] or 'default'}: {a['reason']}" for a in attempts
+        )
     return {**row, "attempts": attempts, "kv_cache": True, "exporter": "onnxruntime-genai model builder"}
 
 
@@ -276,7 +294,7 @@ def _write(
                 "metric": "perplexity",
                 "metric_value": r["perplexity"],
                 "metric_drop": r["ppl_increase_pct"],
-                "max_abs_diff": float("nan"),
+                "max_abs_diff": None,  # logits are compared through perplexity and greedy agreement
                 "file": r["folder"],
             }
             for r in rows

@@ -24,6 +24,7 @@ from hf_distill.atomic import atomic_folder
 from hf_distill.data import AUTO
 from hf_distill.export.batches import EvalBatches, make_batches
 from hf_distill.export.engine import ENGINES, GENAI, EngineChoice, choose_engine
+from hf_distill.export.genai import check_quantization_options
 from hf_distill.export.graph import export_graph, exporter_choice
 from hf_distill.export.inputs import input_names_for, pad_id, tokenization_rule, write_tokenization_rule
 from hf_distill.export.plan import ExportPlan, eval_mode, load_for_export
@@ -95,6 +96,7 @@ def export_onnx(
     """
     output_dir = Path(output_dir)
     _check_arguments(output_dir, overwrite, prompt_mode, engine)
+    check_quantization_options(block_size, accuracy_level)
     loaded, folder_tokenizer = load_for_export(model_or_dir)
     choice = choose_engine(loaded, engine)
     if text_column is None:  # the datasets' usual names: GLUE's "sentence", a language-model corpus's "text"

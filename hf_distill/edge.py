@@ -90,7 +90,10 @@ class EdgeModel:
         if not self.manifest.get("tokenizer"):
             raise _fail("this export has no tokenizer.json; export from a folder that holds the tokenizer.")
         path = self.folder / self.manifest["tokenizer"]
-        from tokenizers import Tokenizer
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as err:
+            raise _fail("this export needs the tokenizers package: pip install tokenizers") from err
 
         try:
             tokenizer = Tokenizer.from_file(str(path))

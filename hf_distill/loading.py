@@ -48,7 +48,13 @@ def load_model(
     """
     path = Path(source).expanduser()
     if path.is_file():
-        raise ValueError(f"Model path {str(source)!r} is a file; pass the folder written by save_pretrained.")
+        hint = (
+            " A .gguf model becomes one with hf_distill.gguf.convert_gguf(path, cache_dir) (or give it to "
+            "DistillationTrainer / hf-distill as a teacher, which converts it)."
+            if str(source).lower().endswith(".gguf")
+            else ""
+        )
+        raise ValueError(f"Model path {str(source)!r} is a file; pass the folder written by save_pretrained.{hint}")
     model_kwargs.setdefault("use_safetensors", True)
     if path.is_dir() and is_adapter_folder(path):
         model = _load_adapter(path, task, model_kwargs)

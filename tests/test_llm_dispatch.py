@@ -157,7 +157,8 @@ def test_cli_bench_dispatches_llm_exports_to_benchmark_llm(qwen, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "Cannot read" in err and "model.onnx" in err and len(err.splitlines()) == 1
     assert main(["bench", str(tmp_path / "nowhere")]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err, err
 
 
 def _edge(*args, stdin=None):

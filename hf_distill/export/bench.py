@@ -122,6 +122,8 @@ def benchmark(
 def _read_export(export_dir: Path, variants: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
     """The export report and the variants to run (default: all that passed), each file checked to be readable."""
     report_path = export_dir / "export_report.json"
+    if not export_dir.is_dir():
+        raise ValueError(f"{str(export_dir)!r} does not exist: pass a folder written by `hf-distill export`.")
     if not report_path.is_file():
         raise ValueError(
             f"{str(export_dir)!r} holds no export_report.json: pass a folder written by export_onnx / "

@@ -121,8 +121,14 @@ def _row(name: str, layers: int, timed: dict[str, Any] | None, int4: dict[str, A
         "int4_settings": int4.get("settings"),  # the ladder rung that passed (or the last one tried)
         "gate": "not gated (--ungated)"
         if ungated and int4.get("passed") is not None
-        else {True: "pass", False: f"FAIL: {int4.get('reason')}"}.get(int4.get("passed"), ""),
+        else {True: "pass", False: f"FAIL: {_short(int4.get('reason'))}"}.get(int4.get("passed"), ""),
     }
+
+
+def _short(reason: str | None, limit: int = 90) -> str:
+    """The gate's reason cut for a table cell (the whole text is in the JSON rows)."""
+    text = str(reason)
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def _num(value: float | None, spec: str) -> str:

@@ -233,3 +233,27 @@ def test_onnx_engine_processes_do_not_carry_torch(qwen, tmp_path):
         "rows"
     ]
     assert rows[0]["engine"] == "onnxruntime-genai" and 0 < rows[0]["peak_rss_mb"] < 250, rows
+
+
+def test_fallback_decoder_reads_chat_rows_and_survives_a_failing_fusion(tmp_path, caplog, monkeypatch):
+    """GPT-2 through torch.onnx with prompt/response rows (rendered by the chat template, as the KV-cache path reads
+    them); onnxruntime's gpt2 fusion failing (it did on a dynamo graph) leaves fp32_optimized with generic graph
+    optimizations and the error in its settings."""
+    import onnxruntime.transformers.optimizer as ort_optimizer
+
+    def broken_fusion(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(ort_optimizer, "optimize_model", broken_fusion)
+    torch.manual_seed(0)
+    tokenizer = byte_bpe_tokenizer()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128))
+    rows = datasets.Dataset.from_list([{"prompt": t[:20], "response": t[20:]} for t in CORPUS])
+    with caplog.at_level(logging.WARNING, logger="hf_distill"):
+        report = export_onnx(
+            gpt2, tmp_path / "onnx", variants=["fp32", "fp32_optimized"], validation_data=rows, tokenizer=tokenizer
+        )
+    optimized = next(r for r in report["variants"] if r["variant"] == "fp32_optimized")
+    assert report["kv_cache"] is False and optimized["passed"], optimized
+    assert optimized["settings"]["fusion_error"].startswith("IndexError") and "generic graph" in caplog.text
+    assert report["num_validation_examples"] == len(CORPUS)

@@ -74,6 +74,28 @@ def test_chat_run_goes_through_every_stage_and_reports(chat_run, capsys):
     assert capsys.readouterr().out.count("done already, skipped") == 5
 
 
+def test_a_failed_gate_with_allow_failed_is_reported_and_not_timed(chat_run, monkeypatch, capsys):
+    """Only the export, bench and report stages are redone (--stages ... --force); the failed variant is a FAIL row
+    of the report, the bench times PyTorch alone. Without allow_failed the same gate stops the run."""
+    from hf_distill.export import genai
+
+    path, out = chat_run
+    monkeypatch.setattr(
+        genai, "gate", lambda row, *a: {**row, "ppl_increase_pct": 9.9, "passed": False, "reason": "forced"}
+    )
+    student = (out / "distill" / "student" / "model" / "model.safetensors").stat().st_mtime_ns
+    again = ["run", str(path), "--stages", "export,bench,report", "--force"]
+    assert main([*again, "--set", "export.allow_failed=true"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(e["variant"], e["passed"], e["reason"]) for e in report["export"]] == [("fp32", False, "forced")]
+    assert [r["engine"] for r in report["speed"]] == ["pytorch"]
+    assert "FAIL: forced" in (out / "REPORT.md").read_text()
+    assert (out / "distill" / "student" / "model" / "model.safetensors").stat().st_mtime_ns == student
+    capsys.readouterr()
+    assert main([*again, "--set", "export.allow_failed=false"]) == 2
+    assert "failed the accuracy gate" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

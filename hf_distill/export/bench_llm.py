@@ -32,6 +32,11 @@ def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"Cannot run {spec['engine']} on {spec['path']} ({reason}).") from err
 
 
+def _folder_vocab(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 1000)
+
+
 def _check_variant(folder: Path) -> int:
     """The variant folder's vocabulary size; its decoder graph parsed first, so a corrupt file fails before any run.
 
@@ -87,7 +92,10 @@ def benchmark_llm(
     if min(prompt_lens) < 1 or min(batch_sizes) < 1 or new_tokens < 2 or runs < 1:
         raise ValueError("prompt lengths, batch sizes and runs must be >= 1 and new_tokens >= 2.")
     vocabs = [_check_variant(export_dir / manifest["variants"][v]) for v in chosen]
-    vocab = vocabs[0] if vocabs else 1000
+    folders = [Path(f) for f in (teacher, student) if f is not None]
+    if not vocabs:  # no exported variant to time (all failed their gate): the prompts must fit the PyTorch models
+        vocabs = [_folder_vocab(f) for f in folders if (f / "config.json").is_file()] or [1000]
+    vocab = min(vocabs)
     common = {
         "prompt_lens": list(prompt_lens),
         "batch_sizes": list(batch_sizes),

@@ -96,7 +96,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             f"| {e['variant']} | {_num(e.get('perplexity'), '.3f')} | {_num(e.get('ppl_increase_pct'), '+.2f')} | "
             f"{_num(e.get('greedy_agreement'), '.3f')} | {_num((e.get('size_bytes') or 0) / 1e6, '.1f')} | "
-            f"{'pass' if e.get('passed') else 'FAIL: ' + str(e.get('reason'))} |"
+            f"{'pass' if e.get('passed') else 'FAIL: ' + _quote(str(e.get('reason')), 160)} |"
             for e in r["export"]
         ]
     lines += _speed(r)

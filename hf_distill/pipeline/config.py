@@ -139,7 +139,16 @@ class ExportSection:
         check=_subset_of({*VARIANT_FILES, *GENAI_VARIANTS}),
         default_factory=lambda: ["fp32", "int8_dynamic"],
     )
-    max_metric_drop: float = _key("Accuracy points a variant may lose before it fails.", 1.0, _non_negative)
+    max_metric_drop: float = _key(
+        "Accuracy points a variant may lose before it fails (causal-lm: percent perplexity increase).",
+        1.0,
+        _non_negative,
+    )
+    allow_failed: bool = _key(
+        "Keep going when a variant fails the gate: it is marked FAIL (with its numbers) in the report and is not "
+        "timed. false: a failed gate stops the run with nothing exported.",
+        False,
+    )
     num_validation: int = _key("Validation rows the gate scores.", 872, _positive)
     max_length: int = _key("Longest input of the export, in tokens.", 128, _positive)
     engine: str = _key(

@@ -193,6 +193,7 @@ def export_stage(ctx: RunContext) -> dict[str, Any]:
         num_validation=e.num_validation,
         max_length=e.max_length,
         max_metric_drop=e.max_metric_drop,
+        fail_on_gate=not e.allow_failed,
         overwrite=True,
         engine=e.engine,
     )

@@ -28,7 +28,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from hf_distill import DistillationConfig, DistillationTrainer, load_model
 from hf_distill.chat import tokenize_chat
-from hf_distill.data import find_data_file, smollm2_gguf_path
+from hf_distill.data import find_data_file, resolve_teacher
 from hf_distill.gguf import convert_gguf, is_gguf
 from hf_distill.llm_eval import rouge_l
 from hf_distill.prompts import make_peft_student, prompt_refine_config
@@ -111,7 +111,7 @@ def _train(student: Any, teacher: Any, tokenizer: Any, args: argparse.Namespace,
 def main() -> None:
     args = _arguments()
     work = Path(args.work)
-    source = smollm2_gguf_path() if args.teacher == "smollm2" else args.teacher
+    source = resolve_teacher(args.teacher)
     folder = convert_gguf(source, work / "teacher") if is_gguf(source) else Path(source)
     teacher, tokenizer = load_model(folder, "causal-lm")
     prompts = _rows("eval", args.eval_size, args.seed).select_columns(["prompt"])

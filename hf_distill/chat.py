@@ -131,3 +131,10 @@ def tokenize_chat(
             "(the prompt alone fills it, or the responses are empty): raise max_length."
         )
     return ChatTokenization(kept.remove_columns("truncated"), truncated, dropped)
+
+
+def training_tokens_per_s(metrics: dict[str, Any], train: datasets.Dataset) -> float:
+    """Training throughput in tokens/s: Trainer's ``train_samples_per_second`` times the mean unpadded length of a
+    row of ``train`` (its ``input_ids``)."""
+    mean_length = sum(len(ids) for ids in train["input_ids"]) / max(len(train), 1)
+    return metrics.get("train_samples_per_second", 0.0) * mean_length

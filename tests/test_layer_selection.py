@@ -3,9 +3,17 @@
 import pytest
 import torch
 from conftest import lm_dataset, tiny_bert, tiny_llama
-from transformers import AutoConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from hf_distill import create_student
+from hf_distill import create_student, depth
 from hf_distill.depth import calibration_nll, only_blocks
 
 TRAINED = {0: 0, 3: 1, 5: 2}  # teacher block -> trained block; blocks 1, 2 and 4 are identities
@@ -104,3 +112,53 @@ def test_bad_selection_requests_raise(teacher):
     ids = CALIBRATION.remove_columns("labels")
     student = create_student(bert, num_layers=2, layer_selection="block_influence", calibration_data=ids)
     assert len(student.config.hf_distill_teacher_layers) == 2
+
+
+def _random_lm(kind: str) -> torch.nn.Module:
+    """Eight random blocks of a tiny Llama, Qwen2 (sliding-window layers mixed in: per-position layer types) or
+    GPT-2: random blocks, so every removal changes the perplexity and the greedy order is non-trivial."""
+    torch.manual_seed(3)
+    shapes = dict(vocab_size=24, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=8)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=24, n_embd=32, n_layer=8, n_head=4, n_positions=64)
+        return GPT2LMHeadModel(config).eval()
+    if kind == "qwen2":
+        types = ["sliding_attention" if i % 3 == 1 else "full_attention" for i in range(8)]
+        config = Qwen2Config(**shapes, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                             layer_types=types)  # fmt: skip
+        return Qwen2ForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**shapes, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_replay_equals_full_passes_with_fewer_block_calls(kind, monkeypatch):
+    model = _random_lm(kind)
+    stack = "transformer.h" if kind == "gpt2" else "model.layers"
+    rows = lm_dataset(6, 4, seq_len=10)
+    batches = [
+        {"input_ids": torch.tensor(rows["input_ids"][i : i + 3]),
+         "attention_mask": torch.tensor([[0] * 2 + [1] * 8] * 3),  # left padding
+         "labels": torch.tensor([[-100] * 4 + r[4:] for r in rows["labels"][i : i + 3]])}
+        for i in (0, 3)
+    ]  # fmt: skip
+    calls = {"n": 0}
+
+    def count(*_: object) -> None:
+        calls["n"] += 1
+
+    for block in model.get_submodule(stack):
+        block.register_forward_hook(count)
+    results = []
+    for budget in (depth.REPLAY_BUDGET_BYTES, 0):  # 0: the cache never fits, full passes
+        monkeypatch.setattr(depth, "REPLAY_BUDGET_BYTES", budget)
+        calls["n"] = 0
+        results.append((depth.greedy(model, stack, 3, batches, candidates=3), calls["n"]))
+    (replayed, replayed_calls), (full, full_calls) = results
+    assert replayed.layers == full.layers and len(replayed.layers) == 3
+    assert replayed.scores["removed_in_order"] == full.scores["removed_in_order"]
+    after_replay, after_full = (c.scores["perplexity_after_each_removal"] for c in (replayed, full))
+    assert after_replay == pytest.approx(after_full, rel=1e-6)
+    assert len(set(after_full)) == len(after_full)  # distinct values: the comparison is not of ties
+    assert replayed_calls < 0.7 * full_calls  # 134 vs 210 block calls for the Llama
+    # The model is whole again afterwards
+    assert len(model.get_submodule(stack)) == 8 and model.config.num_hidden_layers == 8

@@ -94,13 +94,20 @@ def main(argv: list[str] | None = None) -> dict:
     train = data.map(lambda row: trl_row(row, tokenizer)).select_columns(
         ["input_ids", "attention_mask", "completion_mask", "prompt"]
     )
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train, processing_class=tokenizer)
+    trainer = GKDTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=train, processing_class=tokenizer
+    )
     output = trainer.train()
     results: dict[str, Any] = {
         "trainer": "trl.experimental.gkd.GKDTrainer",
         "script": asdict(script),
-        "gkd": {"lmbda": config.lmbda, "beta": config.beta, "temperature": config.temperature,
-                "max_new_tokens": config.max_new_tokens, "seq_kd": config.seq_kd},  # fmt: skip
+        "gkd": {
+            "lmbda": config.lmbda,
+            "beta": config.beta,
+            "temperature": config.temperature,
+            "max_new_tokens": config.max_new_tokens,
+            "seq_kd": config.seq_kd,
+        },  # fmt: skip
         "kept_teacher_layers": student.config.hf_distill_teacher_layers,
         "train": {**output.metrics, "tokens_per_s": training_tokens_per_s(output.metrics, data)},
     }

@@ -3,8 +3,8 @@
 For each ``LAYERSxHIDDEN`` in --configs and each seed in --seeds, a student is made with `create_student` (layers
 chosen uniformly; when HIDDEN is below the teacher's 384, hidden channels, heads and MLP neurons pruned by activation
 importance on --calibration training sentences), distilled with `DistillationTrainer` (KD on logits, alpha 0.5, T 2,
-one epoch, lr 1e-4, batch 32) on the teacher's --train_size labelled sentences plus --unlabelled further SST-2
-training sentences without their labels (soft loss only; the teacher never saw them), and evaluated on SST-2 dev.
+--epochs (default 1), lr 1e-4, batch 32) on the teacher's --train_size labelled sentences plus --unlabelled further
+SST-2 training sentences without their labels (soft loss only; the teacher never saw them), and evaluated on SST-2 dev.
 The teacher's logits are cached once (`cache_teacher_logits`, every class: exact) and every student trains from the
 cache. Configs in --baseline are also trained on the labelled sentences alone (alpha 0) for the KD gain. The first
 seed's KD student of each config is exported with `export_onnx(variants=["fp32", "int8_dynamic"])` (gate:
@@ -56,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--baseline", default="", help="Configs also trained on labels alone (alpha 0), per seed.")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=float, default=1.0, help="Epochs of KD (or of labels only) per student.")
     parser.add_argument("--max_metric_drop", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=200)
@@ -90,12 +91,12 @@ def get_teacher(args: argparse.Namespace, data: Any, work: Path) -> Path:
 def distil(
     student: Any, train: Any, tokenizer: Any, alpha: float, seed: int, args: argparse.Namespace, out: Path
 ) -> None:
-    """One epoch of KD from the cached teacher logits in ``train`` (alpha 0: labels only)."""
+    """``--epochs`` of KD from the cached teacher logits in ``train`` (alpha 0: labels only)."""
     config = DistillationConfig(
         output_dir=str(out / "trainer"),
         alpha=alpha,
         temperature=2.0,
-        num_train_epochs=1,
+        num_train_epochs=args.epochs,
         learning_rate=args.learning_rate,
         per_device_train_batch_size=32,
         warmup_steps=50,

@@ -44,7 +44,7 @@ class ScriptArguments:
     )
     train_file: str = field(
         default="instruct/train.jsonl",
-        metadata={"help": "prompt/response (or messages) rows: .jsonl or a save_to_disk folder (`hf-distill generate`)."},
+        metadata={"help": "Rows (prompt/response or messages): .jsonl or a save_to_disk folder (hf-distill generate)."},
     )
     eval_file: str = field(default="instruct/eval.jsonl", metadata={"help": "Held-out rows with reference answers."})
     train_size: int = field(default=2000, metadata={"help": "Training rows (the first N after a seeded shuffle)."})

@@ -8,10 +8,15 @@ positions at a time, with each chunk's gradient taken right away (a custom autog
 intermediate is bounded by one chunk and only the gradient ``[N, vocab]`` is kept for the backward pass; the
 teacher's logits (:class:`~hf_distill.teacher_logits.TeacherLogits`) can go as soon as the loss is known. Only the
 loss positions are computed (prompt and padding positions are skipped).
+
+With ``alpha < 1`` the hard-label loss can be fused into the same pass (:class:`HardRows`): each chunk's gradient is
+then that of ``kd_weight · KD + hard_weight · CE``, so one ``[N, vocab]`` gradient is kept instead of one for the KD
+and a second (the log-softmax the cross-entropy saves) for the hard loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +48,78 @@ class _Divergence:
             multi_label=self.multi_label,
             **self.params,
         )
+
+
+@dataclass(frozen=True)
+class HardRows:
+    """The hard-label loss fused into the chunked pass: ``fn(logits [n, C], labels, labelled [n]) -> [n]`` per row,
+    on the rows where ``labelled`` ([N] bool); ``kd_weight`` and ``hard_weight`` ([N]) are each row's weight of the
+    KD and hard values in the loss the caller builds (a weighted sum over a common denominator, which backward
+    checks)."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    labels: torch.Tensor
+    labelled: torch.Tensor
+    kd_weight: torch.Tensor
+    hard_weight: torch.Tensor
+
+    def values(self, part: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        labelled = self.labelled[index]
+        hard = self.fn(part, self.labels[index], labelled)
+        return torch.where(labelled, hard, torch.zeros_like(hard))  # a selection: -100 rows cannot leak a NaN
+
+
+class _ChunkedWithHard(torch.autograd.Function):
+    """Per-row KD ``[N]`` and hard loss ``[N]``; one stored gradient, of ``kd_weight · KD + hard_weight · hard``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student: torch.Tensor,
+        rows: torch.Tensor,
+        teacher: TeacherLogits,
+        fn: _Divergence,
+        chunk: int,
+        hard: HardRows,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kd = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        ce = torch.zeros_like(kd)
+        grad = torch.zeros_like(student)
+        for start in range(0, rows.numel(), chunk):
+            index = rows[start : start + chunk]
+            target = teacher.rows(index, fn.classes)
+            with torch.enable_grad():
+                part = student[index].detach().requires_grad_(True)
+                kd_part, ce_part = fn(part, target), hard.values(part, index)
+                combined = hard.kd_weight[index] * kd_part + hard.hard_weight[index] * ce_part
+                (part_grad,) = torch.autograd.grad(combined.sum(), part)
+            kd[index], ce[index] = kd_part.detach().float(), ce_part.detach().float()
+            grad.index_copy_(0, index, part_grad.to(grad.dtype))
+        ctx.save_for_backward(grad, hard.kd_weight, hard.hard_weight)
+        ctx.used = False
+        return kd, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_kd: torch.Tensor, grad_ce: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.used:
+            raise RuntimeError("The fused chunked loss supports one backward pass per forward; set kd_chunk_size=0.")
+        ctx.used = True
+        grad, kd_weight, hard_weight = ctx.saved_tensors
+        # The stored gradient is right only if the caller weighs each row's values as HardRows says (up to a common
+        # factor per row, the normaliser): recover that factor and check it explains both incoming gradients.
+        scale = torch.where(
+            kd_weight > 0,
+            grad_kd / kd_weight.clamp_min(1e-30),
+            torch.where(hard_weight > 0, grad_ce / hard_weight.clamp_min(1e-30), torch.zeros_like(grad_kd)),
+        )
+        for weight, incoming in ((kd_weight, grad_kd), (hard_weight, grad_ce)):
+            if not torch.allclose(scale * weight, incoming, rtol=1e-4, atol=1e-12):
+                raise RuntimeError(
+                    "The fused KD + hard loss was combined with other weights than HardRows.kd_weight / hard_weight; "
+                    "compute the hard loss separately (hard=None)."
+                )
+        return grad.mul_(scale.to(grad.dtype)[:, None]), None, None, None, None, None
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -98,14 +175,17 @@ def chunked_distillation_loss(
     multi_label: bool = False,
     chunk_size: int = 0,
     num_classes: int | None = None,
+    hard: HardRows | None = None,
     **params: float,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-position KD loss ``[N]`` of ``student_logits [N, C_s]`` against ``teacher_logits [N, C_t]``, 0 off ``mask``.
 
     The values and gradients of ``distillation_loss(..., reduction="none")`` at the positions of ``mask`` (``[N]``
     bool), computed ``chunk_size`` positions at a time (0: all at once, the unchunked computation). Only the first
     ``num_classes`` classes of both sides are compared (default: all of the student's); they must exist on both.
-    Without a gradient to compute (evaluation, a frozen student) the chunks are evaluated only.
+    Without a gradient to compute (evaluation, a frozen student) the chunks are evaluated only. With ``hard``
+    (training with ``chunk_size > 0`` only) it returns ``(kd [N], hard [N])``, the hard loss computed in the same
+    chunks and one gradient kept for both.
 
     Raises:
         ValueError: unknown loss, a negative chunk size, or shapes that do not line up.
@@ -132,6 +212,12 @@ def chunked_distillation_loss(
         every = torch.arange(mask.numel(), device=mask.device)
         return masked_mean(fn(student_logits, teacher.rows(every, classes)), mask, "none")
     rows = mask.nonzero().squeeze(-1)
+    if hard is not None:
+        if not (chunk_size and torch.is_grad_enabled() and student_logits.requires_grad):
+            raise ValueError("hard= fuses the hard loss into a chunked training pass: chunk_size > 0 and a gradient.")
+        if bool((hard.labelled & ~mask).any()):
+            raise ValueError("hard.labelled must be a subset of mask (the loss positions the chunks visit).")
+        return _ChunkedWithHard.apply(student_logits, rows, teacher, fn, int(chunk_size), hard)
     if torch.is_grad_enabled() and student_logits.requires_grad:
         return _ChunkedDivergence.apply(student_logits, rows, teacher, fn, int(chunk_size))
     out = torch.zeros(mask.numel(), dtype=torch.float32, device=student_logits.device)
@@ -142,4 +228,23 @@ def chunked_distillation_loss(
     return out
 
 
-__all__ = ["chunked_distillation_loss"]
+def fused_hard_rows(aligned: Any, kd_weights: torch.Tensor, args: Any, hard_fn: Callable) -> HardRows | None:
+    """The :class:`HardRows` of a training batch (``aligned``: :class:`hf_distill.tasks.AlignedLogits`, rows
+    example-major; ``kd_weights [batch]``), when the hard loss can share the chunked pass: ``args.alpha < 1``,
+    ``args.kd_chunk_size > 0``, labels, a gradient, the labelled rows among the loss positions. None otherwise."""
+    student = aligned.student
+    if not (args.alpha < 1 and args.kd_chunk_size and aligned.labels is not None):
+        return None
+    if not (torch.is_grad_enabled() and student.requires_grad) or bool((aligned.labelled & ~aligned.mask).any()):
+        return None
+    per_row = student.shape[0] // kd_weights.shape[0]
+    return HardRows(
+        hard_fn,
+        aligned.labels,
+        aligned.labelled,
+        kd_weights.to(torch.float32).repeat_interleave(per_row),
+        (1.0 - args.alpha) * aligned.labelled.to(torch.float32),  # DistillationConfig.loss_weight("hard_loss")
+    )
+
+
+__all__ = ["HardRows", "chunked_distillation_loss", "fused_hard_rows"]

@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits_from_cache
 from hf_distill.cache_checks import validate_cached_dataset
 from hf_distill.checkpoints import last_complete_checkpoint
-from hf_distill.chunked_kd import chunked_distillation_loss
+from hf_distill.chunked_kd import chunked_distillation_loss, fused_hard_rows
 from hf_distill.config import DistillationConfig
 from hf_distill.forward import accepted_inputs, input_position_logits, run_model
 from hf_distill.intermediate import IntermediateMatcher
@@ -265,7 +265,10 @@ class DistillationTrainer(Trainer):
         # alpha applies per example: one without any label (-100) takes the soft loss alone, at weight 1.
         labelled_rows = aligned.labelled.reshape(batch, -1).any(1)
         terms: dict[str, Term] = {}
+        hard = None
         if aligned.teacher is not None and (args.alpha > 0 or not bool(labelled_rows.all())):
+            kd_weights = torch.where(labelled_rows, args.alpha, 1.0)
+            fused = fused_hard_rows(aligned, kd_weights, args, self.hard_loss) if training else None
             kd = chunked_distillation_loss(
                 aligned.student,
                 aligned.teacher,
@@ -276,14 +279,16 @@ class DistillationTrainer(Trainer):
                 multi_label=self.problem_type == MULTI_LABEL,
                 chunk_size=args.kd_chunk_size,
                 num_classes=self.class_match.compared if self.class_match else None,
+                hard=fused,
                 **args.kd_params(),
             )
+            kd, hard = kd if fused is not None else (kd, None)
             terms["kd_loss"] = per_example(kd, aligned.mask, batch)
-            terms["kd_loss"].weights = torch.where(labelled_rows, args.alpha, 1.0).to(kd.dtype)
+            terms["kd_loss"].weights = kd_weights.to(kd.dtype)
             if training:
                 check_finite_kd(terms["kd_loss"].sums, args.kd_loss)
         if args.alpha < 1:
-            hard = self.hard_loss(aligned.student, aligned.labels, aligned.labelled)
+            hard = self.hard_loss(aligned.student, aligned.labels, aligned.labelled) if hard is None else hard
             terms["hard_loss"] = per_example(hard, aligned.labelled, batch)
         return terms
 

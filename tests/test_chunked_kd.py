@@ -6,7 +6,7 @@ from conftest import distill_args, lm_dataset, tiny_llama
 
 from hf_distill import DistillationTrainer, cache_teacher_logits
 from hf_distill.cache import pad_batch
-from hf_distill.chunked_kd import chunked_distillation_loss
+from hf_distill.chunked_kd import HardRows, chunked_distillation_loss
 from hf_distill.losses import KD_LOSSES, distillation_loss
 from hf_distill.teacher_logits import TeacherLogits, topk_summary
 
@@ -236,3 +236,56 @@ def test_soft_capped_teacher_keeps_its_full_logits(out_dir, caplog):
         )
     assert trainer.teacher_head is None and "not its LM head applied" in caplog.text
     assert torch.isfinite(trainer.compute_loss(trainer.model, dict(batch)))
+
+
+def test_fused_hard_loss_equals_separate_terms_and_checks_its_weights():
+    student = _logits(7).reshape(-1, 11).requires_grad_(True)
+    teacher = _logits(8).reshape(-1, 11)
+    mask = _mask()
+    labels = torch.randint(0, 11, (21,), generator=torch.Generator().manual_seed(9))
+    labelled = mask.clone()
+    labelled[7:10] = False  # an example's positions with the soft loss only
+    kd_weight = torch.where(torch.arange(21) < 7, 1.0, 0.4)
+    hard_weight = 0.6 * labelled.float()
+
+    def ce(logits, target, _labelled):
+        return torch.nn.functional.cross_entropy(logits, target, reduction="none")
+
+    hard = HardRows(ce, labels, labelled, kd_weight, hard_weight)
+    kd, ce_values = chunked_distillation_loss(student, teacher, mask, loss="jsd", chunk_size=4, hard=hard, jsd_beta=0.3)
+    ((kd_weight * kd + hard_weight * ce_values).sum() / 9.0).backward()
+    fused_grad, student.grad = student.grad.clone(), None
+    reference_kd = _reference(student, teacher, mask, "jsd", jsd_beta=0.3)
+    reference_ce = torch.where(labelled, ce(student, labels, labelled), torch.zeros(21))
+    ((kd_weight * reference_kd + hard_weight * reference_ce).sum() / 9.0).backward()
+    torch.testing.assert_close(kd, reference_kd.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ce_values, reference_ce.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused_grad, student.grad, atol=1e-6, rtol=1e-5)
+    # Weights other than the declared ones would get a wrong gradient: refused in backward.
+    kd, ce_values = chunked_distillation_loss(student, teacher, mask, loss="jsd", chunk_size=4, hard=hard, jsd_beta=0.3)
+    with pytest.raises(RuntimeError, match="other weights than HardRows"):
+        (kd.sum() + ce_values.sum()).backward()
+
+
+def test_trainer_fuses_the_hard_loss_at_alpha_below_one(out_dir, monkeypatch):
+    teacher = tiny_llama(2, seed=1)
+    data, batch = _padded_lm_batch()
+    batch["labels"][1] = -100  # an unlabelled example: soft loss only, at weight 1
+    calls = []
+    original = HardRows.values
+    monkeypatch.setattr(HardRows, "values", lambda self, *a: calls.append(1) or original(self, *a))
+    results = []
+    for chunk in (0, 3):
+        trainer = DistillationTrainer(
+            model=tiny_llama(2, seed=2).train(),
+            teacher=teacher,
+            args=cfg(out_dir, kd_chunk_size=chunk, alpha=0.3),
+            train_dataset=data,
+            data_collator=pad_batch,
+        )
+        results.append(_loss_and_grads(trainer, batch))
+    assert calls  # the chunked run went through the fused pass, the unchunked one did not need to
+    (loss0, grads0), (loss3, grads3) = results
+    torch.testing.assert_close(loss3, loss0, atol=1e-6, rtol=1e-5)
+    for name in grads0:
+        torch.testing.assert_close(grads3[name], grads0[name], atol=1e-6, rtol=1e-5)

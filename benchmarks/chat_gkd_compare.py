@@ -30,6 +30,7 @@ from hf_distill import DistillationConfig
 from hf_distill.arguments import parse_recipe_args
 from hf_distill.chat import tokenize_chat, training_tokens_per_s
 from hf_distill.data import resolve_teacher
+from hf_distill.engine_timing import peak_rss_mb
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "chat_distill.py"
 # TrainingArguments fields copied from the recipe's config into TRL's GKDConfig, so both runs train alike.
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
             "seq_kd": config.seq_kd,
         },  # fmt: skip
         "kept_teacher_layers": student.config.hf_distill_teacher_layers,
-        "train": {**output.metrics, "tokens_per_s": training_tokens_per_s(output.metrics, data)},
+        "train": {
+            **output.metrics,
+            "tokens_per_s": training_tokens_per_s(output.metrics, data),
+            "peak_rss_mb": peak_rss_mb(),
+        },
     }
     if script.eval_size:
         results["evaluation"] = recipe.evaluate({"student": trainer.model}, teacher, tokenizer, script, args.seed)

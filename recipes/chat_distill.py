@@ -31,6 +31,7 @@ from hf_distill import DistillationConfig, DistillationTrainer, create_student
 from hf_distill.arguments import parse_recipe_args
 from hf_distill.chat import tokenize_chat, training_tokens_per_s
 from hf_distill.data import find_data_file, load_table, resolve_teacher
+from hf_distill.engine_timing import peak_rss_mb
 from hf_distill.gguf import convert_gguf, is_gguf
 
 EVAL_MODELS = ("teacher", "cut_student", "student")
@@ -133,7 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     )
     output = trainer.train()
-    results["train"] = {**output.metrics, "tokens_per_s": training_tokens_per_s(output.metrics, train)}
+    results["train"] = {
+        **output.metrics,
+        "tokens_per_s": training_tokens_per_s(output.metrics, train),
+        "peak_rss_mb": peak_rss_mb(),  # of the process so far: teacher, student and training, before evaluation
+    }
     results["truncated"], results["dropped"] = tokenized.num_truncated, tokenized.num_dropped
     trainer.save_model(str(root / "student"))
     if trainer.is_world_process_zero():

@@ -7,7 +7,9 @@ distribution over the training answers the target of the soft-prompted student, 
 
 Measured on held-out Self-Instruct prompts, greedy: the share of answers that open with the required word, and the
 ROUGE-L of each model's answers against the prompted teacher's (agreement), for the teacher without the prompt,
-the soft prompt before training (its text initialisation) and after; and the tokens each request saves.
+the soft prompt before training (its text initialisation) and after; and the tokens each request saves. The training
+answers are by default the prompted teacher's own (context distillation, Snell et al. 2022; `--targets references`
+trains teacher-forced on the dataset's answers instead).
 
     HF_HUB_OFFLINE=1 nice -n -5 python benchmarks/chat_prompt_distill.py --teacher smollm2 --work runs/chat_prompt
 
@@ -55,6 +57,14 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="runs/chat_prompt")
+    parser.add_argument(
+        "--targets",
+        choices=("teacher", "references"),
+        default="teacher",
+        help="Training answers: the prompted teacher's own greedy answers to the training prompts (context "
+        "distillation, Snell et al. 2022: the student learns what the teacher says under the prompt), or the "
+        "dataset's reference answers (teacher-forced).",
+    )
     return parser.parse_args()
 
 
@@ -77,8 +87,17 @@ def _score(answers: list[str], target: list[str]) -> dict[str, float]:
     return {"opens_with_required_word": 100 * opens, "rouge_l_vs_prompted_teacher": rouge_l(answers, target)}
 
 
+def _training_rows(teacher: Any, tokenizer: Any, args: argparse.Namespace) -> datasets.Dataset:
+    """T0 training rows; with --targets teacher their responses are the prompted teacher's greedy answers."""
+    rows = _rows("train", args.train_size, args.seed)
+    if args.targets == "references":
+        return rows
+    answers = _answers(teacher, tokenizer, rows.select_columns(["prompt"]), args, PROMPT)
+    return datasets.Dataset.from_dict({"prompt": rows["prompt"], "response": answers})
+
+
 def _train(student: Any, teacher: Any, tokenizer: Any, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    train = tokenize_chat(_rows("train", args.train_size, args.seed), tokenizer, max_length=args.max_length)
+    train = tokenize_chat(_training_rows(teacher, tokenizer, args), tokenizer, max_length=args.max_length)
     config = DistillationConfig(
         output_dir=str(work / "training"),
         alpha=1.0,
@@ -105,7 +124,12 @@ def _train(student: Any, teacher: Any, tokenizer: Any, args: argparse.Namespace,
     )
     output = trainer.train()
     losses = [h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h]
-    return {"seconds": output.metrics["train_runtime"], "rows": len(train.dataset), "kd_loss": losses}
+    return {
+        "seconds": output.metrics["train_runtime"],
+        "rows": len(train.dataset),
+        "targets": args.targets,
+        "kd_loss": losses,
+    }
 
 
 def main() -> None:

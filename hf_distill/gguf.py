@@ -28,6 +28,25 @@ def is_gguf(source: str | os.PathLike) -> bool:
     return str(source).lower().endswith(".gguf")
 
 
+def check_gguf_file(path: str | os.PathLike) -> None:
+    """ValueError unless ``path`` is an existing file that starts with the GGUF magic bytes (cheap: 4 bytes read)."""
+    _check_file(Path(path).expanduser())
+
+
+def gguf_block_count(path: str | os.PathLike) -> int | None:
+    """The number of transformer blocks a GGUF file declares (``<architecture>.block_count``), without loading
+    its tensors; None when the metadata lacks it or the ``gguf`` package is missing."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    reader = GGUFReader(str(path))
+    for name, field in reader.fields.items():
+        if name.endswith(".block_count"):
+            return int(field.parts[field.data[0]][0])
+    return None
+
+
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"GGUF file {str(path)!r} does not exist.")

@@ -147,3 +147,46 @@ def test_chat_run_with_missing_columns_fails_before_any_stage(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a chat run needs 'messages'" in err and "data.prompt_column='prompt'" in err
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_chat_config(tmp_path, **student):
+    tiny_chat_llama(tmp_path / "teacher", layers=4)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = {
+        "task": "causal-lm",
+        "output_dir": str(tmp_path / "run"),
+        "teacher": {"model": str(tmp_path / "teacher")},
+        "data": {"train": str(tmp_path / "rows.jsonl"), "validation": str(tmp_path / "rows.jsonl"),
+                 "prompt_column": "question", "response_column": "answer", "max_length": 64},
+        "student": {"num_layers": 2, "calibration_size": 4, **student},
+        "evaluate": {"num_rows": 2, "max_new_tokens": 2},
+    }  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("student.num_layers=9", "student.num_layers=9: the teacher has 4 layers"),
+        ("student.layers=[0,9]", r"student.layers=\[0, 9\]: the teacher has 4 layers, so indices run 0..3"),
+        ("data.max_length=1", "data.max_length must be >= 2"),
+        ("data.prompt_column=nope", "data.prompt_column='nope'"),
+        ("teacher.model=CORRUPT", "is not a GGUF file"),
+    ],
+)
+def test_values_known_from_teacher_and_data_fail_before_any_stage(tmp_path, capsys, setting, message):
+    path = _tiny_chat_config(tmp_path)
+    (tmp_path / "corrupt.gguf").write_bytes(b"GGU" + bytes(64))
+    setting = setting.replace("CORRUPT", str(tmp_path / "corrupt.gguf"))
+    assert main(["run", path, "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert len(__import__("re").findall(message, err)) >= 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_explicit_student_layers_cut_without_calibration(tmp_path):
+    path = _tiny_chat_config(tmp_path, layers=[0, 3])
+    assert main(["run", path, "--stages", "teacher,student"]) == 0
+    saved = json.loads((tmp_path / "run" / "student" / "config.json").read_text())
+    assert saved["hf_distill_teacher_layers"] == [0, 3]

@@ -50,6 +50,13 @@ def rows(ctx: RunContext, split: str) -> Any:
         table = table.select(range(size))
     if "messages" not in table.column_names:
         names = {d.prompt_column: "prompt", d.response_column: "response"}
+        keys = {"prompt_column": d.prompt_column, "response_column": d.response_column}
+        missing = [f"data.{key}={name!r}" for key, name in keys.items() if name not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"{path} has columns {table.column_names}: a chat run needs 'messages', or the columns "
+                f"{' and '.join(missing)} (set them to the file's prompt and response columns)."
+            )
         table = table.rename_columns({k: v for k, v in names.items() if k != v})
     return table if isinstance(table, datasets.Dataset) else datasets.Dataset.from_list(list(table))
 
@@ -60,13 +67,17 @@ def check_inputs(ctx: RunContext) -> None:
     Raises:
         ValueError: naming the config key and the fix.
     """
-    from hf_distill.gguf import is_gguf
+    from hf_distill.gguf import check_gguf_file, is_gguf
 
     source = teacher_source(ctx)
     looks_like_path = is_gguf(source) or source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_like_path and not Path(source).expanduser().exists():
         raise ValueError(f"Teacher {source!r} does not exist (config teacher.model).")
+    if is_gguf(source):
+        check_gguf_file(source)  # a truncated or foreign file fails here, not after the teacher stage started
     d = ctx.config.data
+    if d.max_length < 2:
+        raise ValueError(f"data.max_length must be >= 2 tokens (a prompt token and a label), got {d.max_length}.")
     for split in ("train", "validation"):
         columns = rows(ctx, split).column_names
         if "messages" not in columns and not {"prompt", "response"} <= set(columns):
@@ -74,6 +85,34 @@ def check_inputs(ctx: RunContext) -> None:
                 f"{getattr(d, split)} has columns {columns}: a chat run needs 'messages', or the columns "
                 f"data.prompt_column={d.prompt_column!r} and data.response_column={d.response_column!r}."
             )
+    _check_depth(ctx, source)
+
+
+def _teacher_depth(source: str) -> int | None:
+    """The teacher's number of blocks from its GGUF metadata or ``config.json``; None when not known locally."""
+    import json
+
+    from hf_distill.gguf import gguf_block_count, is_gguf
+
+    if is_gguf(source):
+        return gguf_block_count(source)
+    config = Path(source).expanduser() / "config.json"
+    if config.is_file():
+        layers = json.loads(config.read_text()).get("num_hidden_layers")
+        return layers if isinstance(layers, int) else None
+    return None  # a Hub id: create_student checks it once the teacher is loaded
+
+
+def _check_depth(ctx: RunContext, source: str) -> None:
+    """student.num_layers / student.layers fit the teacher's depth (ValueError naming the key)."""
+    depth = _teacher_depth(source)
+    s = ctx.config.student
+    if depth is None:
+        return
+    if s.layers and not all(0 <= i < depth for i in s.layers):
+        raise ValueError(f"student.layers={s.layers}: the teacher has {depth} layers, so indices run 0..{depth - 1}.")
+    if not s.layers and s.num_layers is not None and not 1 <= s.num_layers <= depth:
+        raise ValueError(f"student.num_layers={s.num_layers}: the teacher has {depth} layers; use 1..{depth}.")
 
 
 def _load(path: str | Path) -> tuple[Any, Any]:
@@ -123,12 +162,15 @@ def student_stage(ctx: RunContext) -> dict[str, Any]:
     s = ctx.config.student
     teacher, tokenizer = _load(teacher_path(ctx))
     train, _ = _train_examples(ctx, tokenizer)
+    # Calibration rows rank blocks (no explicit layers) and units for width pruning; explicit layers need neither.
+    narrow = any(v is not None for v in (s.hidden_size, s.intermediate_size, s.num_attention_heads))
+    calibration = train.select(range(min(s.calibration_size, len(train)))) if narrow or not s.layers else None
     student = create_student(
         teacher,
         num_layers=None if s.layers else s.num_layers,
         layers=s.layers,
         layer_selection=None if s.layers else s.layer_selection,
-        calibration_data=train.select(range(min(s.calibration_size, len(train)))),
+        calibration_data=calibration,
         hidden_size=s.hidden_size,
         intermediate_size=s.intermediate_size,
         num_attention_heads=s.num_attention_heads,

@@ -10,7 +10,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_distill.cache import CACHE_COLUMNS, CachedLogitsCollator, teacher_logits_from_cache
@@ -75,6 +75,10 @@ class DistillationTrainer(Trainer):
         processing_class = kwargs.get("processing_class")
         if isinstance(teacher, str):
             teacher = load_teacher(teacher, args, self.task)
+        if kwargs.get("data_collator") is None and self.task is Task.CAUSAL_LM and hasattr(processing_class, "pad"):
+            # Trainer's default collator pads input_ids but not per-token labels (tokenize_chat's rows would fail
+            # at the first ragged batch); this one pads labels with -100 and is a no-op where there are none.
+            kwargs["data_collator"] = DataCollatorForSeq2Seq(processing_class, padding=True, label_pad_token_id=-100)
         # Every check runs before Trainer builds optimizers, dataloaders or moves weights.
         train_dataset = kwargs.get("train_dataset")
         self.class_match = validate_setup(

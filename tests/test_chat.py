@@ -71,3 +71,26 @@ def test_chat_errors(tokenizer):
         ValueError, match="Every one of the 2 conversations lost all its assistant tokens.*raise max_len"
     ):
         tokenize_chat(long, tokenizer, max_length=12)
+
+
+def test_chat_rows_train_without_a_hand_picked_collator(tmp_path):
+    """Ragged tokenize_chat rows with per-token labels: the trainer's default collator pads labels with -100."""
+    from conftest import distill_args
+    from llm_assets import tiny_chat_llama
+
+    from hf_distill import DistillationTrainer
+
+    teacher, tok = tiny_chat_llama(layers=2, seed=1)
+    student, _ = tiny_chat_llama(layers=1, seed=2)
+    rows = datasets.Dataset.from_list(
+        [{"prompt": "Say " + "red " * n, "response": "blue " * (n + 1)} for n in range(1, 5)]
+    )
+    data = tokenize_chat(rows, tok, max_length=64).dataset.select_columns(["input_ids", "attention_mask", "labels"])
+    assert len({len(x) for x in data["input_ids"]}) > 1  # ragged: padding is needed
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, args=distill_args(str(tmp_path), alpha=0.5), train_dataset=data,
+        processing_class=tok,
+    )  # fmt: skip
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    assert batch["labels"].shape == batch["input_ids"].shape and int((batch["labels"] == -100).sum()) > 0
+    assert trainer.train().training_loss > 0

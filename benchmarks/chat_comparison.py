@@ -39,6 +39,11 @@ def main() -> None:
     parser.add_argument("runs", nargs="*", help="ROW=FOLDER of a finished run (its results.json).")
     parser.add_argument("--refs", default=None, help="JSON of evaluations without training (teacher, cuts).")
     args = parser.parse_args()
+    if not args.runs and not args.refs:
+        parser.error("pass at least one ROW=FOLDER or --refs")
+    missing = [p for p in [args.refs, *(r.partition("=")[2] for r in args.runs)] if p and not Path(p).exists()]
+    if missing:
+        parser.error(f"not found: {', '.join(missing)}")
     lines = [HEADER]
     if args.refs:
         for name, evaluation in json.loads(Path(args.refs).read_text()).items():

@@ -124,4 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:
+        raise SystemExit(f"chat_gkd_compare.py: error: {err}") from None

@@ -166,6 +166,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from hf_distill.data import load_table
     from hf_distill.llm_eval import evaluate_generation
 
+    if args.output and not Path(args.output).expanduser().resolve().parent.is_dir():
+        raise ValueError(f"--output {args.output!r}: its folder does not exist; create it first (nothing was run).")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}.")
     rows = load_table(args.data)
     if args.limit is not None:
         rows = rows.select(range(min(args.limit, len(rows))))
@@ -203,6 +207,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     if Path(args.output_dir).exists():
         raise ValueError(f"{args.output_dir!r} exists; choose a new folder (nothing was generated).")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}.")
     prompts = load_table(args.data)
     if args.limit is not None:
         prompts = prompts.select(range(min(args.limit, len(prompts))))

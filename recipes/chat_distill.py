@@ -31,6 +31,7 @@ from hf_distill import DistillationConfig, DistillationTrainer, create_student
 from hf_distill.arguments import parse_recipe_args
 from hf_distill.chat import tokenize_chat, training_tokens_per_s
 from hf_distill.data import find_data_file, load_table, resolve_teacher
+from hf_distill.depth import check_selection
 from hf_distill.engine_timing import peak_rss_mb
 from hf_distill.gguf import convert_gguf, is_gguf
 
@@ -73,6 +74,24 @@ class ScriptArguments:
             raise ValueError(f"eval_models: unknown {sorted(unknown)}; choose from {', '.join(EVAL_MODELS)}.")
 
 
+def check_script(script: ScriptArguments) -> None:
+    """The data files exist and the layer choice is well-formed (ValueError naming the argument)."""
+    find_data_file(script.train_file)
+    if script.eval_size:
+        find_data_file(script.eval_file)
+    if script.layers:
+        try:
+            layers = [int(x) for x in script.layers.split(",")]
+        except ValueError as err:
+            raise ValueError(
+                f"--layers {script.layers!r}: give comma-separated teacher layer indices, e.g. 0,5,11"
+            ) from err
+        if min(layers) < 0:
+            raise ValueError(f"--layers {script.layers!r}: layer indices start at 0.")
+    else:
+        check_selection(script.layer_selection)
+
+
 def load_teacher_folder(source: str, root: Path) -> Path:
     """A safetensors folder of the teacher: the GGUF converted once under ``root/teacher``, or ``source`` itself."""
     return convert_gguf(source, root / "teacher") if is_gguf(source) else Path(source)
@@ -111,6 +130,7 @@ def evaluate(models: dict[str, Any], teacher: Any, tokenizer: Any, script: Scrip
 
 def main(argv: list[str] | None = None) -> dict:
     script, args = parse_recipe_args((ScriptArguments, DistillationConfig), argv)
+    check_script(script)  # before the teacher is converted or loaded: a typo must not cost a training run
     root = Path(args.output_dir)
     teacher_dir = load_teacher_folder(resolve_teacher(script.teacher), root)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
@@ -152,4 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad arguments or data: one line naming the problem, not a traceback
+        raise SystemExit(f"chat_distill.py: error: {err}") from None

@@ -90,3 +90,16 @@ def test_cli_evaluate_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["num_rows"] == 2 and report["teacher_perplexity"] > 1
     assert "ROUGE-L" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--output", "no_such_folder/e.json"], "its folder does not exist"), (["--limit", "0"], "--limit must be >= 1")],
+)
+def test_cli_evaluate_checks_output_and_limit_before_loading(tmp_path, capsys, extra, message):
+    # The model folder does not exist: the argument error must come before any loading.
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS.to_list()))
+    extra = [str(tmp_path / x) if x.endswith(".json") else x for x in extra]
+    assert main(["evaluate", str(tmp_path / "no_model"), str(data), *extra]) == 2
+    assert message in capsys.readouterr().err

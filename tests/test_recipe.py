@@ -279,3 +279,22 @@ def test_chat_recipe_cuts_by_importance_distils_and_evaluates(tmp_path):
             ]
         )
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--eval_file", "nope.jsonl"], "Data file 'nope.jsonl' not found"),
+        (["--train_file", "nope.jsonl"], "Data file 'nope.jsonl' not found"),
+        (["--layer_selection", "best"], "layer_selection must be one of"),
+        (["--layers", "0,a"], "--layers '0,a': give comma-separated"),
+    ],
+)
+def test_chat_recipe_checks_its_arguments_before_loading_the_teacher(tmp_path, arguments, message):
+    import chat_distill
+
+    # The teacher does not exist: an argument error must come first, before any loading or conversion.
+    base = ["--teacher", str(tmp_path / "no_teacher.gguf"), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=message):
+        chat_distill.main(base + arguments)
+    assert not (tmp_path / "run").exists()

@@ -23,7 +23,7 @@ class ChatTokenization(NamedTuple):
 
     dataset: datasets.Dataset
     num_truncated: int  # conversations cut at max_length (their labels end with the cut)
-    num_dropped: int  # conversations with no assistant token left after the cut (removed)
+    num_dropped: int  # conversations without an answer, or with no assistant token left after the cut (removed)
 
 
 def conversation(row: dict[str, Any], *, prompt_column: str, response_column: str, system_prompt: str | None) -> list:
@@ -79,6 +79,15 @@ def assistant_labels(tokenizer: Any, messages: list) -> tuple[list[int], list[in
     return ids, labels
 
 
+def _has_answer(messages: list) -> bool:
+    """True when some assistant turn has text; ValueError for content that is not a string."""
+    for message in messages:
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"Chat content must be a string, got {type(content).__name__}: {str(content)[:80]!r}.")
+    return any(m.get("role") == "assistant" and (m.get("content") or "").strip() for m in messages)
+
+
 def tokenize_chat(
     data: datasets.Dataset,
     tokenizer: Any,
@@ -100,8 +109,22 @@ def tokenize_chat(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 tokens, got {max_length}.")
+    if len(data) == 0:
+        raise ValueError("tokenize_chat got an empty dataset: pass rows with prompt/response columns or messages.")
     options = {"prompt_column": prompt_column, "response_column": response_column, "system_prompt": system_prompt}
     conversation(data[0], **options)  # column errors before the whole set is mapped
+    answered = data.filter(lambda row: _has_answer(conversation(row, **options)), desc="Dropping unanswered")
+    unanswered = len(data) - len(answered)
+    if unanswered:
+        # Their only label would be the end-of-turn token: the student would learn to stop at once.
+        logger.warning(
+            "%d of %d rows have no assistant answer (empty or missing) and were dropped.", unanswered, len(data)
+        )
+    if not len(answered):
+        raise ValueError(
+            f"None of the {len(data)} rows has a non-empty assistant answer ({response_column!r} / messages)."
+        )
+    data = answered
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         ids, labels = assistant_labels(tokenizer, conversation(row, **options))
@@ -130,7 +153,7 @@ def tokenize_chat(
             f"Every one of the {len(encoded)} conversations lost all its assistant tokens at max_length={max_length} "
             "(the prompt alone fills it, or the responses are empty): raise max_length."
         )
-    return ChatTokenization(kept.remove_columns("truncated"), truncated, dropped)
+    return ChatTokenization(kept.remove_columns("truncated"), truncated, dropped + unanswered)
 
 
 def training_tokens_per_s(metrics: dict[str, Any], train: datasets.Dataset) -> float:

@@ -94,3 +94,19 @@ def test_chat_rows_train_without_a_hand_picked_collator(tmp_path):
     batch = trainer.data_collator([data[i] for i in range(4)])
     assert batch["labels"].shape == batch["input_ids"].shape and int((batch["labels"] == -100).sum()) > 0
     assert trainer.train().training_loss > 0
+
+
+def test_rows_without_an_answer_are_dropped_and_counted(tokenizer, caplog):
+    data = datasets.Dataset.from_list(
+        [{"prompt": "a", "response": "yes"}, {"prompt": "b", "response": ""}, {"prompt": "c", "response": None},
+         {"prompt": "d", "response": "   "}]
+    )  # fmt: skip
+    out = tokenize_chat(data, tokenizer, max_length=64)
+    assert (len(out.dataset), out.num_dropped) == (1, 3)
+    assert "3 of 4 rows have no assistant answer" in caplog.text
+    with pytest.raises(ValueError, match="None of the 2 rows has a non-empty assistant answer"):
+        tokenize_chat(data.select([1, 2]), tokenizer)
+    with pytest.raises(ValueError, match="Chat content must be a string, got list"):
+        tokenize_chat(datasets.Dataset.from_list([{"prompt": ["a", "b"], "response": "x"}]), tokenizer)
+    with pytest.raises(ValueError, match="empty dataset"):
+        tokenize_chat(data.select([]), tokenizer)

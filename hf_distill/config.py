@@ -186,7 +186,7 @@ class DistillationConfig(TrainingArguments):
         for name in ("hidden_loss_weight", "attention_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if not isinstance(self.kd_chunk_size, int) or self.kd_chunk_size < 0:
+        if isinstance(self.kd_chunk_size, bool) or not isinstance(self.kd_chunk_size, int) or self.kd_chunk_size < 0:
             raise ValueError(
                 f"kd_chunk_size must be an integer >= 0 (positions per chunk of the KD loss), got "
                 f"{self.kd_chunk_size!r}. Use e.g. 64, or 0 to compute the loss on all positions at once."
@@ -206,6 +206,10 @@ class DistillationConfig(TrainingArguments):
         self._check_generation()
 
     def _check_generation(self) -> None:
+        if not isinstance(self.seq_kd, bool):
+            raise ValueError(f"seq_kd must be True or False, got {self.seq_kd!r} ({type(self.seq_kd).__name__}).")
+        if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, int | float) or self.lmbda != self.lmbda:
+            raise ValueError(f"lmbda must be a number in [0, 1] (the share of on-policy batches), got {self.lmbda!r}.")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1] (the share of on-policy batches), got {self.lmbda}.")
         if self.lmbda > 0 and self.alpha < 1:

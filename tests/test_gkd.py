@@ -67,6 +67,13 @@ def test_generation_settings_are_checked():
         DistillationConfig(output_dir="x", lmbda=0.5, alpha=0.5)
     with pytest.raises(ValueError, match="lmbda must be in"):
         DistillationConfig(output_dir="x", lmbda=1.5, alpha=1.0)
+    for bad in ("0.5", float("nan"), True):
+        with pytest.raises(ValueError, match="lmbda must be a number"):
+            DistillationConfig(output_dir="x", lmbda=bad, alpha=1.0)
+    with pytest.raises(ValueError, match="seq_kd must be True or False, got 'yes'"):
+        DistillationConfig(output_dir="x", seq_kd="yes", alpha=1.0)
+    with pytest.raises(ValueError, match="kd_chunk_size must be an integer"):
+        DistillationConfig(output_dir="x", kd_chunk_size=True)
     from conftest import tiny_bert
 
     args = DistillationConfig(output_dir="x", lmbda=0.5, alpha=1.0, report_to="none")

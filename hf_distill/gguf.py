@@ -35,16 +35,17 @@ def check_gguf_file(path: str | os.PathLike) -> None:
 
 def gguf_block_count(path: str | os.PathLike) -> int | None:
     """The number of transformer blocks a GGUF file declares (``<architecture>.block_count``), without loading
-    its tensors; None when the metadata lacks it or the ``gguf`` package is missing."""
+    its tensors; None when the metadata lacks it, the file cannot be parsed or the ``gguf`` package is missing."""
     try:
         from gguf import GGUFReader
     except ImportError:
         return None
-    reader = GGUFReader(str(path))
-    for name, field in reader.fields.items():
-        if name.endswith(".block_count"):
-            return int(field.parts[field.data[0]][0])
-    return None
+    try:
+        fields = GGUFReader(str(path)).fields
+        counts = [int(f.parts[f.data[0]][0]) for name, f in fields.items() if name.endswith(".block_count")]
+    except Exception:  # noqa: BLE001 - a damaged file: convert_gguf reports it with its own one-line error
+        return None
+    return counts[0] if counts else None
 
 
 def _check_file(path: Path) -> None:

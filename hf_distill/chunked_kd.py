@@ -69,6 +69,36 @@ class HardRows:
         return torch.where(labelled, hard, torch.zeros_like(hard))  # a selection: -100 rows cannot leak a NaN
 
 
+def _chunk_pass(
+    student: torch.Tensor,
+    rows: torch.Tensor,
+    teacher: TeacherLogits,
+    fn: _Divergence,
+    chunk: int,
+    hard: HardRows | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-row KD ``[N]`` (and hard loss ``[N]`` with ``hard``) and the gradient ``[N, C]`` of their weighted sum,
+    ``chunk`` rows at a time (each chunk's gradient taken at once, so only the gradient outlives its chunk)."""
+    kd = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+    ce = None if hard is None else torch.zeros_like(kd)
+    grad = torch.zeros_like(student)
+    for start in range(0, rows.numel(), chunk):
+        index = rows[start : start + chunk]
+        target = teacher.rows(index, fn.classes)
+        with torch.enable_grad():
+            part = student[index].detach().requires_grad_(True)
+            kd_part = fn(part, target)
+            total = kd_part
+            if hard is not None:
+                ce_part = hard.values(part, index)
+                total = hard.kd_weight[index] * kd_part + hard.hard_weight[index] * ce_part
+                ce[index] = ce_part.detach().float()
+            (part_grad,) = torch.autograd.grad(total.sum(), part)
+        kd[index] = kd_part.detach().float()
+        grad.index_copy_(0, index, part_grad.to(grad.dtype))
+    return kd, ce, grad
+
+
 class _ChunkedWithHard(torch.autograd.Function):
     """Per-row KD ``[N]`` and hard loss ``[N]``; one stored gradient, of ``kd_weight · KD + hard_weight · hard``."""
 
@@ -82,19 +112,7 @@ class _ChunkedWithHard(torch.autograd.Function):
         chunk: int,
         hard: HardRows,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        kd = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
-        ce = torch.zeros_like(kd)
-        grad = torch.zeros_like(student)
-        for start in range(0, rows.numel(), chunk):
-            index = rows[start : start + chunk]
-            target = teacher.rows(index, fn.classes)
-            with torch.enable_grad():
-                part = student[index].detach().requires_grad_(True)
-                kd_part, ce_part = fn(part, target), hard.values(part, index)
-                combined = hard.kd_weight[index] * kd_part + hard.hard_weight[index] * ce_part
-                (part_grad,) = torch.autograd.grad(combined.sum(), part)
-            kd[index], ce[index] = kd_part.detach().float(), ce_part.detach().float()
-            grad.index_copy_(0, index, part_grad.to(grad.dtype))
+        kd, ce, grad = _chunk_pass(student, rows, teacher, fn, chunk, hard)
         ctx.save_for_backward(grad, hard.kd_weight, hard.hard_weight)
         ctx.used = False
         return kd, ce
@@ -136,17 +154,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     def forward(
         ctx: Any, student: torch.Tensor, rows: torch.Tensor, teacher: TeacherLogits, fn: _Divergence, chunk: int
     ) -> torch.Tensor:
-        out = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
-        grad = torch.zeros_like(student)
-        for start in range(0, rows.numel(), chunk):
-            index = rows[start : start + chunk]
-            target = teacher.rows(index, fn.classes)
-            with torch.enable_grad():
-                part = student[index].detach().requires_grad_(True)
-                values = fn(part, target)
-                (part_grad,) = torch.autograd.grad(values.sum(), part)
-            out[index] = values.detach()
-            grad.index_copy_(0, index, part_grad.to(grad.dtype))
+        out, _, grad = _chunk_pass(student, rows, teacher, fn, chunk)
         ctx.save_for_backward(grad)
         ctx.used = False
         return out

@@ -79,12 +79,7 @@ def check_inputs(ctx: RunContext) -> None:
     if d.max_length < 2:
         raise ValueError(f"data.max_length must be >= 2 tokens (a prompt token and a label), got {d.max_length}.")
     for split in ("train", "validation"):
-        columns = rows(ctx, split).column_names
-        if "messages" not in columns and not {"prompt", "response"} <= set(columns):
-            raise ValueError(
-                f"{getattr(d, split)} has columns {columns}: a chat run needs 'messages', or the columns "
-                f"data.prompt_column={d.prompt_column!r} and data.response_column={d.response_column!r}."
-            )
+        rows(ctx, split)  # raises for a file without 'messages' or the configured prompt/response columns
     _check_depth(ctx, source)
 
 

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationConfig, DistillationTrainer, create_student
-from hf_distill.arguments import parse_recipe_args
+from hf_distill.arguments import parse_recipe_args, run_recipe
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
 
@@ -223,4 +223,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main, "causal_lm.py")

@@ -28,7 +28,7 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from hf_distill import DistillationConfig, DistillationTrainer, create_student
-from hf_distill.arguments import parse_recipe_args
+from hf_distill.arguments import parse_recipe_args, run_recipe
 from hf_distill.chat import tokenize_chat, training_tokens_per_s
 from hf_distill.data import find_data_file, load_table, resolve_teacher
 from hf_distill.depth import check_selection
@@ -172,7 +172,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad arguments or data: one line naming the problem, not a traceback
-        raise SystemExit(f"chat_distill.py: error: {err}") from None
+    run_recipe(main, "chat_distill.py")

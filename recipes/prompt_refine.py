@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics
-from hf_distill.arguments import parse_recipe_args
+from hf_distill.arguments import parse_recipe_args, run_recipe
 from hf_distill.data import load_sst2
 from hf_distill.prompts import make_peft_student, prompt_refine_config
 from hf_distill.tasks import Task
@@ -147,4 +147,4 @@ def evaluate(trainer, student, base, teacher, dataset, tokenizer) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main, "prompt_refine.py")

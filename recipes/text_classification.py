@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
-from hf_distill.arguments import parse_recipe_args
+from hf_distill.arguments import parse_recipe_args, run_recipe
 from hf_distill.data import SST2_LABELS, load_sst2, minilm_path, tokenize_text_classification
 from hf_distill.teacher import finetune_teacher
 
@@ -167,4 +167,4 @@ def print_summary(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main, "text_classification.py")

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationConfig, DistillationTrainer, classification_metrics, create_student
-from hf_distill.arguments import parse_recipe_args
+from hf_distill.arguments import parse_recipe_args, run_recipe
 from hf_distill.data import minilm_path, tokenize_tagged_words
 
 
@@ -136,4 +136,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main, "token_classification.py")

@@ -298,3 +298,25 @@ def test_chat_recipe_checks_its_arguments_before_loading_the_teacher(tmp_path, a
     with pytest.raises(ValueError, match=message):
         chat_distill.main(base + arguments)
     assert not (tmp_path / "run").exists()
+
+
+def test_run_recipe_one_line_errors_and_process_group_teardown(tmp_path):
+    """A recipe's ValueError becomes `<prog>: error: ...`; a live process group is destroyed on success and failure."""
+    import torch.distributed as dist
+
+    from hf_distill.arguments import run_recipe
+
+    def bad_data() -> None:
+        raise ValueError("train_file 'x.jsonl' does not exist")
+
+    for k, main in enumerate((lambda: None, bad_data)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{k}'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        if main is bad_data:
+            with pytest.raises(SystemExit, match=r"^chat_distill.py: error: train_file 'x.jsonl' does not exist$"):
+                run_recipe(main, "chat_distill.py")
+        else:
+            run_recipe(main, "chat_distill.py")
+        assert not dist.is_initialized()
+    with pytest.raises(KeyError):  # anything else is a bug: its traceback is kept
+        run_recipe(lambda: {}["x"], "chat_distill.py")

@@ -10,6 +10,7 @@ from conftest import tiny_llama
 from test_gkd import _data
 
 from hf_distill import DistillationConfig, DistillationTrainer, onpolicy
+from hf_distill.arguments import end_distributed
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
@@ -46,3 +47,4 @@ if __name__ == "__main__":
     losses = [h["kd_loss"] for h in trainer.state.log_history if "kd_loss" in h]
     record = {"world_size": trainer.args.world_size, "sampled": sampled, "checksum": checksum, "kd_loss": losses}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    end_distributed()  # a clean teardown: a live gloo group can abort the rank at exit

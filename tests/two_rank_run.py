@@ -8,6 +8,7 @@ from conftest import first_token_rule, tiny_bert
 from test_normalisation import _sharpened
 
 from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill.arguments import end_distributed
 from hf_distill.cache import pad_batch
 
 
@@ -45,3 +46,4 @@ if __name__ == "__main__":
     if trainer.is_world_process_zero():
         with open(sys.argv[1], "w") as f:
             json.dump({"train": logged, "eval": metrics, "world_size": trainer.args.world_size}, f)
+    end_distributed()  # a clean teardown: a live gloo group can abort the rank at exit

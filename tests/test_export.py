@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import first_token_rule, lm_dataset, minilm_tokenizer, save_text_model, tiny_bert, tiny_llama
@@ -27,8 +28,10 @@ def _session_logits(path, feed):
     return session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]
 
 
-def test_all_classification_variants_match_pytorch(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_DISTILL_ONNX_EXPORTER")  # the default exporter (dynamo): what users get
+@pytest.mark.parametrize("exporter", ["auto", "dynamo"])
+def test_all_classification_variants_match_pytorch(tmp_path, monkeypatch, exporter):
+    """auto (what users get) exports a BERT with TorchScript, whose attention onnxruntime fuses; dynamo is pinned."""
+    monkeypatch.setenv("HF_DISTILL_ONNX_EXPORTER", exporter)
     model = tiny_bert(2, seed=3).eval()
     data = first_token_rule(40, 1)
     out = tmp_path / "onnx"
@@ -56,12 +59,18 @@ def test_all_classification_variants_match_pytorch(tmp_path, monkeypatch):
     tolerance = {"fp32": 1e-4, "fp32_optimized": 1e-4, "fp16": 1e-2, "int8_dynamic": 0.2, "int8_static": 0.3}
     for row in report["variants"]:
         assert REPORT_FIELDS <= set(row), row
-        assert row["exporter"] == "dynamo" and row["size_bytes"] == os.path.getsize(out / row["file"])
+        assert row["exporter"] == ("torchscript" if exporter == "auto" else "dynamo")
+        assert row["size_bytes"] == os.path.getsize(out / row["file"])
         np.testing.assert_allclose(_session_logits(out / row["file"], feed), expected, atol=tolerance[row["variant"]])
     fp32 = next(r for r in report["variants"] if r["variant"] == "fp32")
     assert fp32["max_abs_diff"] < 1e-4 and fp32["metric_drop"] == pytest.approx(0.0)
     int8 = next(r for r in report["variants"] if r["variant"] == "int8_dynamic")
     assert int8["size_bytes"] < 0.8 * fp32["size_bytes"]  # tiny model: graph overhead dominates
+    int8_ops = {n.op_type for n in onnx.load(str(out / int8["file"])).graph.node}
+    assert int8["settings"]["fused_operators"]["SkipLayerNormalization"] == 4  # quantized after onnxruntime's fusions
+    if exporter == "auto":  # TorchScript's attention graph: one fused Attention per layer, quantized as QAttention
+        assert int8["settings"]["fused_operators"]["Attention"] == 2 and "QAttention" in int8_ops
+    assert not list(out.glob(".*"))  # the fused intermediate graph is not left in the folder
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
@@ -69,17 +78,33 @@ def test_all_classification_variants_match_pytorch(tmp_path, monkeypatch):
 
 
 def test_exporter_choice_fallback_and_bad_value(tmp_path, monkeypatch, caplog):
+    from transformers import LlamaConfig
+
     from hf_distill.export import graph
 
     def broken(*args, **kwargs):
-        raise RuntimeError("torch.export cannot trace this")
+        raise RuntimeError("this exporter cannot trace this")
 
-    monkeypatch.setattr(graph, "_export_dynamo", broken)
+    assert graph.exporter_order("auto", LlamaConfig()) == ("dynamo", "torchscript")
+    assert graph.exporter_order("auto", BertConfig()) == ("torchscript", "dynamo")  # its attention fuses
+    assert graph.exporter_order("dynamo", BertConfig()) == ("dynamo",)
     model, data = tiny_bert(1, seed=4).eval(), first_token_rule(16, 2)
     monkeypatch.setenv("HF_DISTILL_ONNX_EXPORTER", "auto")
-    report = export_onnx(model, tmp_path / "auto", variants=["fp32"], validation_data=data, max_metric_drop=100.0)
-    assert report["variants"][0]["exporter"] == "torchscript" and "falling back to the TorchScript" in caplog.text
-    assert report["variants"][0]["max_abs_diff"] < 1e-4
+    for failing, used, message in (
+        ("_export_torchscript", "dynamo", "TorchScript ONNX export failed"),
+        ("_export_dynamo", "torchscript", None),  # the BERT's first choice works: dynamo never runs
+    ):
+        caplog.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(graph, failing, broken)
+            out = tmp_path / f"auto_{used}"
+            report = export_onnx(model, out, variants=["fp32"], validation_data=data, max_metric_drop=100.0)
+        assert report["variants"][0]["exporter"] == used and report["variants"][0]["max_abs_diff"] < 1e-4
+        if message:
+            assert f"{message} (RuntimeError" in caplog.text and "falling back to the Dynamo exporter" in caplog.text
+        else:
+            assert "export failed" not in caplog.text
+    monkeypatch.setattr(graph, "_export_dynamo", broken)
     monkeypatch.setenv("HF_DISTILL_ONNX_EXPORTER", "dynamo")  # no fallback: the dynamo error itself
     with pytest.raises(RuntimeError, match="cannot trace"):
         export_onnx(model, tmp_path / "dyn", variants=["fp32"], validation_data=data)

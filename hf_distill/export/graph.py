@@ -13,18 +13,20 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hf_distill.export.inputs import graph_positions, input_names_for, reads_last_position
+from hf_distill.export.variants import FUSION_TYPES
 from hf_distill.tasks import Task, infer_task
 
 logger = logging.getLogger(__name__)
 _TWO_GB = 2 * 1024**3
 EXPORTER_ENV = "HF_DISTILL_ONNX_EXPORTER"
 EXPORTERS = ("auto", "dynamo", "torchscript")
+_NAMES = {"dynamo": "Dynamo", "torchscript": "TorchScript"}
 
 
 def exporter_choice() -> str:
-    """The exporter ``export_graph`` uses: ``$HF_DISTILL_ONNX_EXPORTER`` — ``auto`` (default: dynamo, falling back to
-    TorchScript), ``dynamo`` (no fallback: its error is raised) or ``torchscript`` (opset <= 17; about 10× faster to
-    export a small model on a CPU, which is why the test suite uses it).
+    """The exporter ``export_graph`` uses: ``$HF_DISTILL_ONNX_EXPORTER`` — ``auto`` (default: see
+    :func:`exporter_order`), ``dynamo`` or ``torchscript`` (no fallback: its error is raised; TorchScript is opset
+    <= 17 and about 10× faster to export a small model on a CPU, which is why the test suite uses it).
 
     Raises:
         ValueError: another value.
@@ -101,9 +103,9 @@ def export_graph(
 ) -> str:
     """Write ``model`` (optionally behind a soft prompt) as ONNX with dynamic batch and sequence axes.
 
-    Tries the dynamo exporter (torch.export) first and falls back to the TorchScript exporter when it fails; returns
-    the one that succeeded; ``$HF_DISTILL_ONNX_EXPORTER`` changes that (:func:`exporter_choice`). Eager attention is
-    used for export: its graph is what onnxruntime's fusions recognise.
+    Tries the exporters of :func:`exporter_order` (dynamo, i.e. torch.export, and TorchScript; BERT-family encoders
+    TorchScript first) and returns the one that succeeded; ``$HF_DISTILL_ONNX_EXPORTER`` pins one
+    (:func:`exporter_choice`). Eager attention is used for export: its graph is what onnxruntime's fusions recognise.
     """
     previous = getattr(model.config, "_attn_implementation", "eager")
     if previous != "eager":
@@ -128,29 +130,44 @@ def _export_graph(
     kwargs = {n: sample[n] for n in names}
     wrapper = _LogitsOnly(model, prompt, prompt_as_input).eval()
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _TWO_GB * 0.9
-    choice = exporter_choice()
-    if choice != "torchscript":
+    order = exporter_order(exporter_choice(), model.config)
+    for attempt, exporter in enumerate(order):
         try:
-            max_positions = graph_positions(model.config, 0 if prompt is None else prompt.shape[0])
-            _export_dynamo(wrapper, path, kwargs, opset, max_positions, big)
-            return "dynamo"
-        except Exception as err:  # the fallback exists for whatever torch.export cannot trace
-            if choice == "dynamo":
+            if exporter == "dynamo":
+                max_positions = graph_positions(model.config, 0 if prompt is None else prompt.shape[0])
+                _export_dynamo(wrapper, path, kwargs, opset, max_positions, big)
+            else:
+                per_token = infer_task(model) is not Task.SEQUENCE_CLASSIFICATION
+                _export_torchscript(wrapper, path, kwargs, opset, per_token, big)
+            return exporter
+        except Exception as err:  # the fallback exists for whatever one exporter cannot trace
+            if attempt == len(order) - 1:
                 raise
             logger.warning(
-                "Dynamo ONNX export failed (%s: %s); falling back to the TorchScript exporter.",
+                "%s ONNX export failed (%s: %s); falling back to the %s exporter.",
+                _NAMES[exporter],
                 type(err).__name__,
                 str(err).splitlines()[0][:300],
+                _NAMES[order[attempt + 1]],
             )
-        for leftover in Path(path).parent.glob(Path(path).name + "*"):
-            leftover.unlink()
-    per_token = infer_task(model) is not Task.SEQUENCE_CLASSIFICATION
-    _export_torchscript(wrapper, path, kwargs, opset, per_token)
-    if big:
-        import onnx
+            for leftover in Path(path).parent.glob(Path(path).name + "*"):
+                leftover.unlink()
+    raise AssertionError("unreachable: the last exporter raises")
 
-        onnx.save(onnx.load(path), path, save_as_external_data=True, location=Path(path).name + ".data")
-    return "torchscript"
+
+def exporter_order(choice: str, config: Any) -> tuple[str, ...]:
+    """The exporters ``export_graph`` tries, in order, for ``$HF_DISTILL_ONNX_EXPORTER`` = ``choice``.
+
+    ``auto`` puts TorchScript first for the encoder families onnxruntime's BERT fusions know: its attention graph is
+    what those fusions match (one ``Attention`` / ``QAttention`` node per layer), dynamo's is not — measured on a
+    3-layer MiniLM student, int8, batch 1 x 64, Intel Xeon (VNNI): 1.42 ms against 1.69 ms. Other models go dynamo
+    first. Each falls back to the other exporter.
+    """
+    if choice != "auto":
+        return (choice,)
+    if FUSION_TYPES.get(getattr(config, "model_type", "")) == "bert":
+        return ("torchscript", "dynamo")
+    return ("dynamo", "torchscript")
 
 
 def _token_inputs(kwargs: dict[str, Any]) -> list[str]:
@@ -186,8 +203,15 @@ def _export_dynamo(
     )
 
 
-def _export_torchscript(wrapper: nn.Module, path: str, kwargs: dict[str, Any], opset: int, per_token: bool) -> None:
-    """The TorchScript exporter (opset <= 17), for graphs torch.export cannot trace."""
+def _export_torchscript(
+    wrapper: nn.Module, path: str, kwargs: dict[str, Any], opset: int, per_token: bool, big: bool
+) -> None:
+    """The TorchScript exporter (opset <= 17): first for BERT-family encoders, else for graphs torch.export cannot
+    trace."""
     logits_axes = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
     axes = {**{n: {0: "batch", 1: "sequence"} for n in _token_inputs(kwargs)}, "logits": logits_axes}
     _onnx_export(wrapper, path, kwargs, dynamo=False, dynamic_axes=axes, opset_version=min(opset, 17))
+    if big:
+        import onnx
+
+        onnx.save(onnx.load(path), path, save_as_external_data=True, location=Path(path).name + ".data")

@@ -14,6 +14,7 @@ Prints Markdown tables and the CPU, and writes JSON to --output.
 
     python benchmarks/width_students.py --unlabelled 32000 --seeds 1,2,3 --baseline 2x384
     python benchmarks/width_students.py --retime runs/benchmarks/width_students.json   # time again, quiet machine
+    python benchmarks/width_students.py --retime runs/benchmarks/width_students.json --reexport  # export again, time
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from hf_distill.teacher import finetune_teacher
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=None, help="Fine-tuned teacher folder (default: fine-tune one).")
-    parser.add_argument("--configs", default="3x384,4x256,4x192,6x128", help="LAYERSxHIDDEN, comma-separated.")
+    parser.add_argument(
+        "--configs", default="3x384,4x256,4x192,6x128", help="LAYERSxHIDDEN[xINTERMEDIATE], comma-separated."
+    )
     parser.add_argument("--train_size", type=int, default=16000)
     parser.add_argument(
         "--student_train_size",
@@ -70,6 +73,11 @@ def parse_args() -> argparse.Namespace:
         "--retime",
         default=None,
         help="Only time again the teacher and students of an earlier run's --output JSON (e.g. with --threads 1).",
+    )
+    parser.add_argument(
+        "--reexport",
+        action="store_true",
+        help="With --retime: first export each saved student again with the current export_onnx (new int8 files).",
     )
     parser.add_argument("--work_dir", default="runs/benchmarks/width_students")
     parser.add_argument("--output", default="runs/benchmarks/width_students.json")
@@ -118,8 +126,11 @@ def distil(
 
 
 def make_student(name: str, teacher: Any, data: Any) -> Any:
-    layers, hidden = (int(x) for x in name.split("x"))
-    width = {} if hidden == teacher.config.hidden_size else {"hidden_size": hidden}
+    """``LAYERSxHIDDEN`` or ``LAYERSxHIDDENxINTERMEDIATE`` (MLP neurons pruned too) cut/pruned from the teacher."""
+    layers, hidden, *intermediate = (int(x) for x in name.split("x"))
+    width: dict[str, Any] = {} if hidden == teacher.config.hidden_size else {"hidden_size": hidden}
+    if intermediate and intermediate[0] != teacher.config.intermediate_size:
+        width["intermediate_size"] = intermediate[0]
     if width:
         width["calibration_data"] = data["calibration"]
     return create_student(teacher, num_layers=layers, **width)
@@ -159,6 +170,11 @@ def build_student(
 def export_student(student: Any, tokenizer: Any, folder: Path, args: argparse.Namespace) -> dict:
     student.save_pretrained(folder / "student")
     tokenizer.save_pretrained(folder / "student")
+    return export_saved_student(folder, args)
+
+
+def export_saved_student(folder: Path, args: argparse.Namespace) -> dict:
+    """fp32 + int8 ONNX of ``folder/student`` into ``folder/onnx``, gated on the whole SST-2 dev set."""
     report = export_onnx(
         folder / "student",
         folder / "onnx",
@@ -318,6 +334,11 @@ def main() -> None:
     args = parse_args()
     if args.retime:
         earlier = json.loads(Path(args.retime).read_text())
+        if args.reexport:  # the saved students through today's export (the timed int8 files change)
+            for row in (r for r in earlier["rows"] if "int8_path" in r):
+                row |= export_saved_student(Path(row["folder"]).parent, args)
+                accuracy, rung = row["accuracy_int8"], row["int8_rung"]
+                print(f"[{row['config']}] re-exported: int8 dev accuracy {accuracy:.2f} ({rung})", flush=True)
         teacher = earlier.get("teacher") or earlier["args"]["teacher"] or Path(earlier["args"]["work_dir"]) / "teacher"
         report(args, Path(teacher), earlier["teacher_accuracy"], earlier["rows"])
         return

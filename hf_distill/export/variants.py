@@ -107,7 +107,7 @@ def _int8_dynamic_rung(
 
     Fusing first is onnxruntime's documented order for transformers: a fused ``Attention`` becomes one
     ``QAttention`` and the quantizer sees whole GEMMs. Measured on a 3-layer MiniLM student, batch 1 x 64, Intel
-    Xeon (VNNI): 1.42 ms against 1.57 ms for the same graph quantized unfused (BENCHMARKS.md, small students).
+    Xeon (VNNI): 1.35 ms against 1.47 ms for the same graph quantized unfused (`benchmarks/int8_fusion.py`).
     """
     fused_path = str(folder / ".int8_fused_source.onnx")
     fused, _ = transformer_fusions(base, fused_path, config)
